@@ -1,0 +1,118 @@
+"""Render overlay PNGs of the masks so that a person can look at them.
+
+    python -m jobs.preview --input s3://bucket/out --output ./preview -n 16
+
+For the first ``n`` ok rows, the source image is re-read from its ``uri`` (EXIF orientation applied,
+so it lines up with the masks), every mask is painted in its own colour at 50% opacity with its
+outline and box, largest first so that small masks stay visible, and the result is written as
+``<output>/<k>_<sha256(uri)[:20]>.png`` at the image's own size. Prompted runs also draw the
+prompt's label.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from pycocotools import mask as mask_utils
+
+from jobs.export import image_file_stem, iter_ok_rows
+
+OVERLAY_ALPHA = 0.5
+
+
+def mask_color(index: int) -> tuple[int, int, int]:
+    """A bright colour per mask index, deterministic so that previews are reproducible."""
+    rng = np.random.default_rng(index)
+    hue_rgb = rng.permutation([255, int(rng.integers(0, 256)), 40])
+    return tuple(int(c) for c in hue_rgb)
+
+
+def decode_masks(masks: list[dict]) -> np.ndarray:
+    """COCO RLE records -> bool array of shape (N, H, W)."""
+    rles = [{"size": list(m["segmentation"]["size"]), "counts": m["segmentation"]["counts"].encode("ascii")}
+            for m in masks]
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` (H, W) with a 4-neighbour outside the mask."""
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def render_overlay(image: np.ndarray, masks: list[dict]) -> np.ndarray:
+    """Paint ``masks`` (output-contract records) over ``image`` (H, W, 3 uint8); returns (H, W, 3) uint8."""
+    canvas = image.astype(np.float32)
+    if not masks:
+        return image.copy()
+    order = np.argsort([-int(m["area"]) for m in masks], kind="stable")
+    decoded = decode_masks([masks[i] for i in order])
+    colors = [np.array(mask_color(int(i)), dtype=np.float32) for i in order]
+    for mask, color in zip(decoded, colors):
+        canvas[mask] = (1 - OVERLAY_ALPHA) * canvas[mask] + OVERLAY_ALPHA * color
+        canvas[_outline(mask)] = color
+    result = Image.fromarray(canvas.round().astype(np.uint8))
+    draw = ImageDraw.Draw(result)
+    for rank, i in enumerate(order):
+        x, y, w, h = masks[i]["bbox"]
+        draw.rectangle([x, y, x + w, y + h], outline=tuple(int(c) for c in colors[rank]))
+        label = masks[i].get("prompt_label")
+        if label:
+            draw.text((x + 2, y + 1), str(label), fill=(255, 255, 255))
+    return np.asarray(result)
+
+
+def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:
+    """Re-read a source image as RGB uint8 (H, W, 3), upright as the pipeline saw it."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def write_previews(input_uri: str, output_uri: str, n: int = 16, storage_options: dict | None = None) -> list[str]:
+    """Render the first ``n`` ok rows; returns the written PNG paths."""
+    fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    written = []
+    for k, row in enumerate(iter_ok_rows(input_uri, storage_options)):
+        if k >= n:
+            break
+        image = load_image(row["uri"], storage_options)
+        if image.shape[:2] != (row["height"], row["width"]):
+            raise ValueError(f"{row['uri']}: image is now {image.shape[1]}x{image.shape[0]}, "
+                             f"the row says {row['width']}x{row['height']}; was it replaced?")
+        path = f"{root.rstrip('/')}/{k:04d}_{image_file_stem(row['uri'])}.png"
+        buffer = io.BytesIO()
+        Image.fromarray(render_overlay(image, row.get("masks") or [])).save(buffer, format="PNG")
+        with fs.open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        written.append(path)
+    return written
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.preview", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="output directory (or one Parquet file) of jobs.annotate")
+    parser.add_argument("--output", required=True, help="directory for the PNGs (local path or fsspec URL)")
+    parser.add_argument("-n", type=int, default=16, help="number of images to render (default 16)")
+    parser.add_argument("--storage-options", type=json.loads, default=None,
+                        help="JSON object passed to fsspec for the Parquet, the images and the PNGs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    written = write_previews(args.input, args.output, args.n, args.storage_options)
+    print(f"wrote {len(written)} previews to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
