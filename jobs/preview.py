@@ -17,10 +17,11 @@ import sys
 
 import fsspec
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from jobs.export import image_file_stem, iter_ok_rows
+from pipeline.decode import decode_image
 
 OVERLAY_ALPHA = 0.5
 
@@ -69,11 +70,9 @@ def render_overlay(image: np.ndarray, masks: list[dict]) -> np.ndarray:
 
 
 def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:
-    """Re-read a source image as RGB uint8 (H, W, 3), upright as the pipeline saw it."""
+    """Re-read a source image as RGB uint8 (H, W, 3), decoded exactly as the pipeline decoded it."""
     with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return decode_image(f.read(), max_pixels=2**62)
 
 
 def write_previews(input_uri: str, output_uri: str, n: int = 16, storage_options: dict | None = None) -> list[str]:

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from pipeline import schema
 from tests.sam_factory import real_photos
 
 EXIF_ORIENTATION = 0x0112
@@ -31,20 +31,18 @@ def shape_masks(height: int, width: int) -> list[np.ndarray]:
     return [rect, disc, strip]
 
 
-def mask_record(mask: np.ndarray, iou: float, **extra) -> dict:
-    """Output-contract mask struct for a bool (H, W) mask."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+def mask_record(mask: np.ndarray, iou: float) -> dict:
+    """A generator-style record for a bool (H, W) mask (what ``schema.ok_row`` takes)."""
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
     return {
-        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "segmentation": mask,
         "area": int(mask.sum()),
         "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
         "predicted_iou": iou,
         "stability_score": 0.97,
         "point_coords": [[float(x0), float(y0)]],
         "crop_box": [0.0, 0.0, float(mask.shape[1]), float(mask.shape[0])],
-        **extra,
     }
 
 
@@ -70,17 +68,16 @@ def write_annotated_output(root: Path, prompt_labels: list[str] | None = None) -
             Image.fromarray(photo).save(path)
         height, width = photo.shape[:2]
         masks = shape_masks(height, width)
-        labels = prompt_labels or [None] * len(masks)
-        records = [mask_record(m, 0.9 - 0.1 * k, **({"prompt_label": labels[k]} if prompt_labels else {}))
-                   for k, m in enumerate(masks)]
         uri = path.as_uri()
         truth[uri] = masks
-        rows.append({"uri": uri, "width": width, "height": height, "status": "ok", "error": None,
-                     "masks": records, "num_masks": len(records), "image_sha256": f"{index:064x}"})
-    rows.append({"uri": (images_dir / "broken.jpg").as_uri(), "width": None, "height": None,
-                 "status": "error", "error": "cannot identify image file", "masks": [], "num_masks": 0,
-                 "image_sha256": None})
-    pq.write_table(pa.Table.from_pylist(rows[:2]), output_dir / "part-00000.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[2:]), output_dir / "part-00001.parquet")
+        row = schema.ok_row(uri, width, height, [mask_record(m, 0.9 - 0.1 * k) for k, m in enumerate(masks)],
+                            image_sha256=f"{index:064x}")
+        for k, mask in enumerate(row["masks"]):
+            mask["prompt_label"] = prompt_labels[k] if prompt_labels else None
+        rows.append(row)
+    rows.append(schema.error_row((images_dir / "broken.jpg").as_uri(), "cannot identify image file"))
+    table_schema = schema.output_schema([pa.field("prompt_label", pa.string())])
+    pq.write_table(schema.rows_to_table(rows[:2], table_schema), output_dir / "part-00000.parquet")
+    pq.write_table(schema.rows_to_table(rows[2:], table_schema), output_dir / "part-00001.parquet")
     (output_dir / "_run.json").write_text(json.dumps({"parameters": {}}))
     return {"output": output_dir, "rows": rows, "masks": truth}
