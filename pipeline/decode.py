@@ -77,10 +77,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"decompression bomb refused by Pillow: {exc}") from None
+        # Pillow checks its own limit inside Image.open, before we can see the size.
+        raise DecodeError(
+            f"image too large (possible decompression bomb): {exc} "
+            f"[max_pixels={max_pixels}; Pillow refuses above {2 * (Image.MAX_IMAGE_PIXELS or 0)} regardless]"
+        ) from None
     except UnidentifiedImageError:
         raise DecodeError(
-            f"not a recognised image format ({len(data)} bytes, starts with {_describe_head(data)})"
+            "not a recognised image format, or its header is damaged "
+            f"({len(data)} bytes, starts with {_describe_head(data)})"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         # struct.error and IndexError escape PIL on some malformed headers.
