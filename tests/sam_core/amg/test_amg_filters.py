@@ -1,0 +1,55 @@
+"""Stability score, mask boxes and the crop-edge filter: by hand and against the oracle."""
+import numpy as np
+import pytest
+import torch
+
+from sam_core.amg.filters import (
+    box_xyxy_to_xywh,
+    is_box_near_crop_edge,
+    masks_to_boxes_xyxy,
+    stability_score,
+    uncrop_boxes_xyxy,
+)
+
+
+def test_stability_score_by_hand():
+    logits = torch.tensor([[[3.0, 0.5], [-0.5, -2.0]]])  # > 1: one pixel; > -1: three pixels
+    assert stability_score(logits, 0.0, 1.0).tolist() == pytest.approx([1 / 3])
+
+
+def test_boxes_by_hand_including_empty():
+    masks = torch.zeros(2, 5, 6, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    assert masks_to_boxes_xyxy(masks).tolist() == [[2, 1, 4, 2], [0, 0, 0, 0]]
+
+
+def test_xywh_and_uncrop():
+    assert box_xyxy_to_xywh(torch.tensor([2, 1, 4, 2])) == [2, 1, 2, 1]
+    assert uncrop_boxes_xyxy(torch.tensor([[1, 2, 3, 4]]), [10, 20, 50, 60]).tolist() == [[11, 22, 13, 24]]
+
+
+def test_near_crop_edge_by_hand():
+    crop, image = [100, 0, 200, 100], [0, 0, 200, 100]
+    boxes = torch.tensor([[5, 40, 30, 60], [40, 40, 60, 60], [80, 40, 100, 60]])
+    # first touches the inner left edge; the last touches the crop's right edge, which is the image's.
+    assert is_box_near_crop_edge(boxes, crop, image).tolist() == [True, False, False]
+
+
+@pytest.mark.oracle
+def test_filters_match_oracle_on_random_masks():
+    from segment_anything.utils import amg
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 37, 53, generator=gen) * 3
+    np.testing.assert_array_equal(
+        stability_score(logits, 0.0, 1.0).numpy(), amg.calculate_stability_score(logits, 0.0, 1.0).numpy()
+    )
+    masks = torch.nn.functional.avg_pool2d(logits[:, None], 9, 1, 4)[:, 0] > 1.0
+    masks[3] = False
+    ours = masks_to_boxes_xyxy(masks)
+    assert torch.equal(ours, amg.batched_mask_to_box(masks))
+    for crop in ([0, 0, 53, 37], [10, 5, 40, 30], [0, 10, 30, 37]):
+        assert torch.equal(
+            is_box_near_crop_edge(ours, crop, [0, 0, 53, 37], atol=4),
+            amg.is_box_near_crop_edge(ours, crop, [0, 0, 53, 37], atol=4),
+        )
