@@ -1,0 +1,46 @@
+"""Small building blocks shared by the encoder and the decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """``"gelu"`` -> ``nn.GELU`` etc.; the names are the Hugging Face ``hidden_act`` ones."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+class MLPBlock(nn.Module):
+    """Two-layer feed-forward block ``lin2(act(lin1(x)))`` on the last dim: (..., dim) -> (..., dim)."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU):
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dim of a (B, C, H, W) tensor."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 so that a bf16 model normalises as accurately as nn.LayerNorm does.
+        x32 = x.float()
+        mean = x32.mean(1, keepdim=True)
+        var = (x32 - mean).pow(2).mean(1, keepdim=True)
+        x = ((x32 - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]

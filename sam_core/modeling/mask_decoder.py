@@ -1,0 +1,107 @@
+"""Mask decoder: two-way transformer, upscaling, hypernetwork MLPs and the IoU head.
+
+C = hidden_size, G = image embedding side. Outputs masks at 4G x 4G (256 x 256 for SAM).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sam_core.config import SamMaskDecoderConfig
+from sam_core.modeling.common import LayerNorm2d
+from sam_core.modeling.transformer import TwoWayTransformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them: (..., in) -> (..., out)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, config: SamMaskDecoderConfig):
+        super().__init__()
+        c = config.hidden_size
+        self.num_multimask_outputs = config.num_multimask_outputs
+        self.num_mask_tokens = config.num_multimask_outputs + 1  # token 0 is the single-mask output
+        self.transformer = TwoWayTransformer(config)
+        self.iou_token = nn.Embedding(1, c)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, c)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 4, kernel_size=2, stride=2),
+            LayerNorm2d(c // 4, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.ConvTranspose2d(c // 4, c // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, c // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(c, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        attention_similarity: Optional[torch.Tensor] = None,
+        target_embedding: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict masks for B prompts.
+
+        image_embeddings: (1, C, G, G) shared by all prompts, or (B, C, G, G) one per prompt.
+        image_pe: (1, C, G, G). sparse: (B, T, C). dense: (B, C, G, G).
+        Returns low-res mask logits (B, M, 4G, 4G) and IoU predictions (B, M), M = 3 with
+        ``multimask_output`` else 1.
+        """
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            attention_similarity, target_embedding,
+        )
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selected], iou_pred[:, selected]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        attention_similarity: Optional[torch.Tensor] = None,
+        target_embedding: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All mask tokens: logits (B, num_mask_tokens, 4G, 4G), IoU (B, num_mask_tokens)."""
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+
+        src = image_embeddings + dense_prompt_embeddings  # broadcasts a shared image over prompts
+        if src.shape[0] != batch:
+            src = src.expand(batch, -1, -1, -1)
+        pos_src = image_pe.expand(batch, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens, attention_similarity, target_embedding)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # (B, num_mask_tokens, C/8)
+        b, c8, uh, uw = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).reshape(b, -1, uh, uw)
+        return masks, self.iou_prediction_head(iou_token_out)
