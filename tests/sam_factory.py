@@ -20,7 +20,7 @@ import torch
 
 # Small enough for a CPU test, but every code path is live: the 16x16 patch grid does not divide
 # into 6x6 windows (window padding), layer 1 is global (rel-pos tables of two sizes), and the
-# decoder has 2 heads with a downsampled cross-attention.
+# decoder has a downsampled cross-attention.
 TINY_SIZES = dict(
     embed_dim=32,
     depth=2,
@@ -33,7 +33,7 @@ TINY_SIZES = dict(
     prompt_embed_dim=32,
     mask_in_chans=8,
     decoder_depth=2,
-    decoder_heads=2,
+    decoder_heads=8,  # the published value; shapes cannot tell head counts, so load_sam assumes it
     decoder_mlp_dim=64,
     iou_head_hidden_dim=32,
 )
