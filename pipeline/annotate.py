@@ -1,0 +1,154 @@
+"""Annotate stage: decoded images -> output rows, in an actor that loads SAM once.
+
+``Annotator`` is a Ray Data callable class (``map_batches(Annotator, compute=ActorPoolStrategy)``)
+and a plain class a test can call without Ray. Each actor loads the model from the checkpoint
+URI in its constructor, on CUDA when this actor can see a GPU and on CPU otherwise, and runs
+``AutomaticMaskGenerator.generate_batch`` (one encoder batch per call) in ``coco_rle`` mode.
+
+``check_model`` runs once on the driver before any image is read, so that a model that cannot
+load stops the job with the loader's own message instead of failing inside every actor.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+from typing import Callable, List, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.config import AnnotateConfig
+from pipeline.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+class ChecksumMismatch(ValueError):
+    """The checkpoint's sha256 is not the one the user asked for (--checkpoint-sha256)."""
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(config: AnnotateConfig, device: str = "cpu"):
+    """``sam_core.load_sam`` on the configured checkpoint; storage options go along if it takes them."""
+    from sam_core import load_sam
+
+    kwargs = {"model_type": config.model_type, "device": device}
+    if config.storage_options and "storage_options" in inspect.signature(load_sam).parameters:
+        kwargs["storage_options"] = config.storage_options
+    return load_sam(config.checkpoint, **kwargs)
+
+
+def make_generator(config: AnnotateConfig, device: str):
+    """The production generator: our SAM with the run's AMG parameters, COCO RLE out."""
+    from sam_core import AutomaticMaskGenerator
+
+    return AutomaticMaskGenerator(load_model(config, device), output_mode="coco_rle", **config.amg_kwargs())
+
+
+def checkpoint_sha256(config: AnnotateConfig) -> str:
+    """sha256 of the checkpoint file (of `model.safetensors` for a Hugging Face directory)."""
+    fs, path = fsspec.core.url_to_fs(config.checkpoint, **config.storage_options)
+    if fs.isdir(path):
+        path = path.rstrip("/") + "/model.safetensors"
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_model(config: AnnotateConfig) -> str:
+    """Verify and load the checkpoint once on the driver; returns its sha256.
+
+    Raises the loader's error (``sam_core.CheckpointError``) or ``ChecksumMismatch`` before any
+    image is processed.
+    """
+    sha256 = checkpoint_sha256(config)
+    expected = (config.checkpoint_sha256 or "").lower()
+    if expected and expected != sha256:
+        raise ChecksumMismatch(
+            f"checkpoint {redact_text(config.checkpoint)} has sha256 {sha256}, expected {expected}"
+        )
+    model = load_model(config, "cpu")
+    del model
+    return sha256
+
+
+class Annotator:
+    """Ray Data actor: a batch of decoded rows (numpy format) -> a pyarrow table of output rows.
+
+    Input columns (from ``pipeline.decode.decode_batch``): ``uri``, ``image`` (HxWx3 uint8),
+    ``width``, ``height``, ``status``, ``error``, ``image_sha256``, ``decode_s``, optional ``read_s``.
+    Output: exactly ``schema.OUTPUT_SCHEMA``, one row per input row.
+    """
+
+    def __init__(self, config: dict, generator_factory: Optional[Callable] = None):
+        self.config = AnnotateConfig.from_dict(config)
+        self.device = pick_device()
+        factory = generator_factory or make_generator
+        self.generator = factory(self.config, self.device)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["uri"])
+        rows: List[Optional[dict]] = [None] * n
+        todo = []
+        for i in range(n):
+            if batch["status"][i] == schema.STATUS_OK:
+                todo.append(i)
+            else:
+                rows[i] = schema.error_row(
+                    str(batch["uri"][i]),
+                    _text(batch["error"][i]) or "decode failed",
+                    image_sha256=_text(batch["image_sha256"][i]),
+                    timings=_timings(batch, i),
+                )
+        if todo:
+            start = time.perf_counter()
+            results = self._generate([batch["image"][i] for i in todo])
+            per_image_s = (time.perf_counter() - start) / len(todo)
+            for i, result in zip(todo, results):
+                timings = {**_timings(batch, i), "annotate_s": per_image_s}
+                uri, sha = str(batch["uri"][i]), _text(batch["image_sha256"][i])
+                width, height = int(batch["width"][i]), int(batch["height"][i])
+                if isinstance(result, Exception):
+                    reason = redact_text(f"annotation failed: {type(result).__name__}: {result}")
+                    rows[i] = schema.error_row(uri, reason, width, height, sha, timings)
+                else:
+                    rows[i] = schema.ok_row(uri, width, height, result, sha, timings)
+        return schema.rows_to_table(rows)
+
+    def _generate(self, images: List[np.ndarray]) -> list:
+        """Records per image; one encoder batch, or image by image if the batch fails."""
+        try:
+            return self.generator.generate_batch(images)
+        except Exception:
+            log.warning("batched generation failed; retrying the %d images one by one", len(images), exc_info=True)
+        results: list = []
+        for image in images:
+            try:
+                results.append(self.generator.generate(image))
+            except Exception as exc:  # one image's failure must not cost the others their rows
+                results.append(exc)
+        return results
+
+
+def _timings(batch: dict, i: int) -> dict:
+    return {name: batch[name][i] for name in ("read_s", "decode_s") if name in batch}
+
+
+def _text(value) -> Optional[str]:
+    """A string cell, or None: an all-null column arrives as NaN floats in numpy batches."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
