@@ -27,17 +27,20 @@ image, ``stability_score`` the same score AMG computes, on this mask's logits.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
-from typing import Optional
+from functools import lru_cache
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline import schema
-from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit
+from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
+from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 
 MULTIMASK_MODES = ("auto", "always", "never")
@@ -182,38 +185,85 @@ def missing_image_rows(prompts_by_uri: dict[str, ImagePrompts], listed_uris) -> 
     ]
 
 
+# --- wiring into pipeline.run ------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _read_prompts_cached(uri: str, storage_options_json: str) -> dict[str, ImagePrompts]:
+    return read_prompts(uri, json.loads(storage_options_json))
+
+
+def load_prompts(config) -> dict[str, ImagePrompts]:
+    """The run's prompts table grouped per image; read once per driver process."""
+    return _read_prompts_cached(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
+
+
+def select_inputs(config, listed: list[str], written: set[str]) -> tuple[list[str], list[dict]]:
+    """(URIs to annotate, error rows to write) for a prompted run.
+
+    Only images that have prompts are annotated, in prompts-table order; images in ``--input``
+    without prompts are not processed. Prompts for URIs that ``--input`` does not list become error
+    rows. URIs already in the output (resume) are left out of both.
+    """
+    prompts = load_prompts(config)
+    listed_set = set(listed)
+    todo = [uri for uri in prompts if uri in listed_set and uri not in written]
+    errors = [row for row in missing_image_rows(prompts, listed) if row["uri"] not in written]
+    return todo, errors
+
+
+def with_prompts(block: pa.Table, config) -> pa.Table:
+    """Attach ``PROMPTS_COLUMN`` (each image's prompts as JSON) to a block of ``uri`` rows."""
+    prompts = load_prompts(config)
+    return block.append_column(PROMPTS_COLUMN, pa.array(
+        [prompts[uri].to_json() for uri in block.column("uri").to_pylist()], pa.string()))
+
+
+def output_schema_for(config) -> pa.Schema:
+    """The schema a run writes: the contract, extended with the prompt fields in prompted mode."""
+    return PROMPTED_OUTPUT_SCHEMA if config.prompts else schema.OUTPUT_SCHEMA
+
+
 class PromptedAnnotator:
     """Ray Data actor for prompted mode: loads the model once, then turns decoded rows into output rows.
 
-    ``__call__`` takes a batch with ``uri``, ``image`` (H, W, 3 uint8), ``status``, ``error``,
-    ``image_sha256``, ``PROMPTS_COLUMN`` (``ImagePrompts.to_json``) and the timing columns, and
-    returns a batch of ``PROMPTED_OUTPUT_SCHEMA`` rows.
+    Input batch (numpy format): ``uri``, ``image`` (H, W, 3 uint8), ``status``, ``error``,
+    ``image_sha256``, ``PROMPTS_COLUMN`` (``ImagePrompts.to_json``), optional ``read_s``/``decode_s``.
+    Output: a ``PROMPTED_OUTPUT_SCHEMA`` table, one row per input row. ``config`` is
+    ``AnnotateConfig.to_dict()``; its ``points_per_batch`` is the number of prompts decoded at once.
     """
 
-    def __init__(self, checkpoint: str, model_type: Optional[str] = None, device: Optional[str] = None,
-                 prompts_per_batch: int = 64, multimask: str = "auto", stability_score_offset: float = 1.0):
-        from sam_core import SamPredictor, load_sam
+    def __init__(self, config: dict, multimask: str = "auto", predictor_factory: Optional[Callable] = None):
+        from pipeline.annotate import load_model, pick_device
+        from pipeline.config import AnnotateConfig
 
         if multimask not in MULTIMASK_MODES:
             raise ValueError(f"multimask must be one of {MULTIMASK_MODES}, got {multimask!r}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.predictor = SamPredictor(load_sam(checkpoint, model_type=model_type, device=device))
-        self.prompts_per_batch = prompts_per_batch
+        self.config = AnnotateConfig.from_dict(config)
         self.multimask = multimask
-        self.stability_score_offset = stability_score_offset
+        if predictor_factory is None:
+            from sam_core import SamPredictor
 
-    def __call__(self, batch: dict) -> dict:
-        rows = []
-        for i, uri in enumerate(batch["uri"]):
-            start = time.perf_counter()
-            timings = {name: batch[name][i] for name in schema.TIMING_COLUMNS if name in batch}
-            sha = batch["image_sha256"][i] if "image_sha256" in batch else None
-            if batch["status"][i] != schema.STATUS_OK:
-                rows.append(schema.error_row(str(uri), batch["error"][i], image_sha256=sha, timings=timings))
-                continue
-            image_prompts = ImagePrompts.from_json(str(uri), batch[PROMPTS_COLUMN][i])
-            row = prompted_row(self.predictor, str(uri), batch["image"][i], image_prompts, sha, timings,
-                               self.prompts_per_batch, self.multimask, self.stability_score_offset)
-            row["annotate_s"] = time.perf_counter() - start
-            rows.append(row)
-        return schema.rows_to_table(rows, PROMPTED_OUTPUT_SCHEMA)
+            self.predictor = SamPredictor(load_model(self.config, pick_device()))
+        else:
+            self.predictor = predictor_factory(self.config)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return schema.rows_to_table([self._row(batch, i) for i in range(len(batch["uri"]))],
+                                    PROMPTED_OUTPUT_SCHEMA)
+
+    def _row(self, batch: dict, i: int) -> dict:
+        uri, sha = str(batch["uri"][i]), batch["image_sha256"][i]
+        timings = {name: batch[name][i] for name in ("read_s", "decode_s") if name in batch}
+        if batch["status"][i] != schema.STATUS_OK:
+            return schema.error_row(uri, batch["error"][i] or "decode failed", image_sha256=sha, timings=timings)
+        start = time.perf_counter()
+        image = batch["image"][i]
+        try:
+            row = prompted_row(self.predictor, uri, image, ImagePrompts.from_json(uri, batch[PROMPTS_COLUMN][i]),
+                               sha, timings, self.config.points_per_batch, self.multimask,
+                               self.config.stability_score_offset)
+        except Exception as exc:  # one image's failure must not cost the others their rows
+            reason = redact_text(f"annotation failed: {type(exc).__name__}: {exc}")
+            row = schema.error_row(uri, reason, image.shape[1], image.shape[0], sha, timings)
+        row["annotate_s"] = time.perf_counter() - start
+        return row
