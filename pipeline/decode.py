@@ -127,12 +127,14 @@ def decode_batch(
 
     for i in range(n):
         start = time.perf_counter()
-        data = raw[i]
-        read_error = None if read_errors is None else read_errors[i]
+        data = _as_bytes(raw[i])
+        read_error = None if read_errors is None else _as_text(read_errors[i])
         digests[i] = hashlib.sha256(data).hexdigest() if data is not None else None
         try:
             if read_error:
-                raise DecodeError(str(read_error))
+                raise DecodeError(read_error)
+            if data is None:
+                raise DecodeError("no bytes were read for this object")
             image = decode_image(data, max_pixels=max_pixels)
         except Exception as exc:  # one bad image must never fail the batch
             images[i] = empty_image()
@@ -157,6 +159,27 @@ def decode_batch(
         decode_s=seconds,
     )
     return out
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """The raw bytes of a cell, or None.
+
+    A column whose values were all None in an upstream batch reaches us as Arrow nulls,
+    which numpy renders as float NaN: those mean "no bytes" too.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    return None
+
+
+def _as_text(value: Any) -> str | None:
+    """A read-error cell as text, or None for None/NaN/empty (see ``_as_bytes`` on NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text or None
 
 
 def _reason(exc: Exception) -> str:

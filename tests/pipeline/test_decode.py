@@ -106,7 +106,38 @@ def test_read_error_becomes_the_rows_reason_and_other_columns_pass_through():
 
 def test_missing_bytes_without_a_read_error_is_an_error_row():
     out = decode_batch(batch_of({"nothing.jpg": None}))
-    assert out["status"][0] == "error" and out["error"][0]
+    assert out["status"][0] == "error" and "no bytes" in out["error"][0]
+
+
+def test_all_null_columns_arriving_as_nan_are_read_as_missing():
+    # Ray Data hands an all-None column of a batch over as Arrow nulls, which numpy shows as NaN.
+    good = jpeg(photo())
+    batch = {
+        "uri": np.array(["a.jpg", "b.jpg"], dtype=object),
+        "bytes": np.array([good, float("nan")], dtype=object),
+        "read_error": np.array([np.nan, np.nan], dtype=np.float32),
+    }
+    out = decode_batch(batch)
+    assert list(out["status"]) == ["ok", "error"]
+    assert "no bytes" in out["error"][1] and out["image_sha256"][1] is None
+
+
+def test_decode_stage_in_a_ray_data_plan_keeps_one_row_per_input(ray_session):
+    """Batches of only errors and of only good images must concatenate into one dataset."""
+    import ray
+
+    good = jpeg(photo(40, 30))
+    named = {f"bad{i}.jpg": b"" for i in range(4)} | {f"good{i}.jpg": good for i in range(4)}
+    named["other_size.png"] = encode(Image.new("RGB", (7, 5), (1, 2, 3)), "PNG")
+    items = [{"uri": name, "bytes": data, "read_error": None} for name, data in named.items()]
+    dataset = ray.data.from_items(items, override_num_blocks=3).map_batches(
+        decode_batch, batch_size=4, batch_format="numpy", fn_kwargs={"max_pixels": 10_000}
+    )
+    rows = {r["uri"]: r for r in dataset.iter_rows()}
+    assert set(rows) == set(named)
+    assert all(rows[f"bad{i}.jpg"]["status"] == "error" for i in range(4))
+    assert all(rows[f"good{i}.jpg"]["image"].shape == (30, 40, 3) for i in range(4))
+    assert rows["other_size.png"]["image"].shape == (5, 7, 3)
 
 
 def test_truncated_jpeg_is_refused_not_padded_with_grey():
