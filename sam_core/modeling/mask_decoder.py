@@ -66,7 +66,13 @@ class MaskDecoder(nn.Module):
         image_pe: (1, C, G, G). sparse: (B, T, C). dense: (B, C, G, G).
         Returns low-res mask logits (B, M, 4G, 4G) and IoU predictions (B, M), M = 3 with
         ``multimask_output`` else 1.
+
+        PerSAM inputs: ``attention_similarity`` broadcasts to (B, heads, T, G*G);
+        ``target_embedding`` to (B, T, C). The Hugging Face layout (1, B, ...) with a leading
+        image-batch dim of 1 is accepted too.
         """
+        if target_embedding is not None and target_embedding.ndim == 4:
+            target_embedding = target_embedding.flatten(0, 1)
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
             attention_similarity, target_embedding,
