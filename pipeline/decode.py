@@ -128,8 +128,9 @@ def decode_batch(
     for i in range(n):
         start = time.perf_counter()
         data = _as_bytes(raw[i])
-        read_error = None if read_errors is None else _as_text(read_errors[i])
-        digests[i] = hashlib.sha256(data).hexdigest() if data is not None else None
+        read_error = None if read_errors is None else text_or_none(read_errors[i])
+        # A failed read has no bytes to hash (Ray may hand its null cell over as b"").
+        digests[i] = hashlib.sha256(data).hexdigest() if data is not None and not read_error else None
         try:
             if read_error:
                 raise DecodeError(read_error)
@@ -174,8 +175,12 @@ def _as_bytes(value: Any) -> bytes | None:
     return None
 
 
-def _as_text(value: Any) -> str | None:
-    """A read-error cell as text, or None for None/NaN/empty (see ``_as_bytes`` on NaN)."""
+def text_or_none(value: Any) -> str | None:
+    """A string cell of a Ray Data numpy batch as text, or None for None/NaN/empty.
+
+    Use on any nullable string column downstream of Ray Data: a column whose values were
+    all None in one batch comes back as float NaN (see ``_as_bytes``).
+    """
     if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return None
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
@@ -254,4 +259,4 @@ def _describe_head(data: bytes) -> str:
     return head.hex(" ")
 
 
-__all__: list[Any] = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_batch", "decode_image", "empty_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_batch", "decode_image", "empty_image", "text_or_none"]

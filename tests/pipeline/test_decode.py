@@ -93,7 +93,7 @@ def test_read_error_becomes_the_rows_reason_and_other_columns_pass_through():
     good = jpeg(photo())
     out = decode_batch(
         batch_of(
-            {"gone.jpg": None, "here.jpg": good},
+            {"gone.jpg": b"", "here.jpg": good},
             read_error=["object not found: s3://bucket/in/gone.jpg", None],
             read_s=[0.5, 0.25],
         )
