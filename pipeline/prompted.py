@@ -174,14 +174,19 @@ def prompted_row(predictor, uri: str, image: np.ndarray, image_prompts: ImagePro
     return row
 
 
+def same_image_key(uri: str) -> str:
+    """What two URIs of one image share: the URI itself, except that ``file://`` is optional."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def missing_image_rows(prompts_by_uri: dict[str, ImagePrompts], listed_uris) -> list[dict]:
     """Error rows for prompted URIs that ``--input`` does not list (URIs must match exactly)."""
-    listed = set(listed_uris)
+    listed = {same_image_key(uri) for uri in listed_uris}
     return [
         schema.error_row(uri, f"prompts given for an image that is not in --input ({len(listed)} images "
                               f"listed; URIs must match exactly, scheme included)")
         for uri in prompts_by_uri
-        if uri not in listed
+        if same_image_key(uri) not in listed
     ]
 
 
@@ -192,35 +197,44 @@ def _read_prompts_cached(uri: str, storage_options_json: str) -> dict[str, Image
     return read_prompts(uri, json.loads(storage_options_json))
 
 
+@lru_cache(maxsize=4)
+def _prompts_by_key(uri: str, storage_options_json: str) -> dict[str, ImagePrompts]:
+    return {same_image_key(u): p for u, p in _read_prompts_cached(uri, storage_options_json).items()}
+
+
 def load_prompts(config) -> dict[str, ImagePrompts]:
-    """The run's prompts table grouped per image; read once per driver process."""
+    """The run's prompts table grouped per image (keyed by the table's URIs); read once per process."""
     return _read_prompts_cached(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
 
 
 def select_inputs(config, listed: list[str], written: set[str]) -> tuple[list[str], list[dict]]:
     """(URIs to annotate, error rows to write) for a prompted run.
 
-    Only images that have prompts are annotated, in prompts-table order; images in ``--input``
-    without prompts are not processed. Prompts for URIs that ``--input`` does not list become error
-    rows. URIs already in the output (resume) are left out of both.
+    Only images that have prompts are annotated, in listing order, under their listed URI; images
+    in ``--input`` without prompts are not processed. Prompts for URIs that ``--input`` does not list
+    become error rows. URIs already in the output (resume) are left out of both.
     """
     prompts = load_prompts(config)
-    listed_set = set(listed)
-    todo = [uri for uri in prompts if uri in listed_set and uri not in written]
+    prompted_keys = {same_image_key(uri) for uri in prompts}
+    todo = [uri for uri in listed if same_image_key(uri) in prompted_keys and uri not in written]
     errors = [row for row in missing_image_rows(prompts, listed) if row["uri"] not in written]
     return todo, errors
 
 
 def with_prompts(block: pa.Table, config) -> pa.Table:
     """Attach ``PROMPTS_COLUMN`` (each image's prompts as JSON) to a block of ``uri`` rows."""
-    prompts = load_prompts(config)
+    by_key = _prompts_by_key(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
     return block.append_column(PROMPTS_COLUMN, pa.array(
-        [prompts[uri].to_json() for uri in block.column("uri").to_pylist()], pa.string()))
+        [by_key[same_image_key(uri)].to_json() for uri in block.column("uri").to_pylist()], pa.string()))
 
 
-def output_schema_for(config) -> pa.Schema:
-    """The schema a run writes: the contract, extended with the prompt fields in prompted mode."""
-    return PROMPTED_OUTPUT_SCHEMA if config.prompts else schema.OUTPUT_SCHEMA
+def annotate_stage(config) -> tuple[type, dict]:
+    """The prompted annotate stage for ``pipeline.run``: (actor class, constructor kwargs).
+
+    ``config.multimask`` ("auto", "always", "never") overrides the multimask choice; "auto" when the
+    config has no such field.
+    """
+    return PromptedAnnotator, {"config": config.to_dict(), "multimask": getattr(config, "multimask", None) or "auto"}
 
 
 class PromptedAnnotator:

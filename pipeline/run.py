@@ -8,13 +8,14 @@ slot and hung at num_cpus=2).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,6 +63,10 @@ class RunSummary:
 
 def annotate_stage(config: AnnotateConfig) -> Tuple[type, dict]:
     """The actor class for the annotate stage and its constructor kwargs: the one place to choose it."""
+    if config.prompts:
+        from pipeline.prompted import annotate_stage as prompted_stage
+
+        return prompted_stage(config)
     return Annotator, {"config": config.to_dict()}
 
 
@@ -88,6 +93,10 @@ def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple
     num_actors, gpus_per_actor = plan_actor_pool(config, ray.cluster_resources())
     actor_class, actor_kwargs = stage or annotate_stage(config)
     blocks = [pa.table({"uri": uris[i: i + URIS_PER_BLOCK]}) for i in range(0, len(uris), URIS_PER_BLOCK)]
+    if config.prompts:  # each image's prompts travel next to its uri, through read and decode
+        from pipeline.prompted import with_prompts
+
+        blocks = [with_prompts(block, config) for block in blocks]
     return (
         ray.data.from_arrow(blocks)
         .map_batches(read_batch, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy")
@@ -117,14 +126,22 @@ def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[
         _check_same_settings(output, config)
     listed = sources.list_inputs(config.input, config.storage_options, config.limit)
     todo = sources.pending(listed, output.written_uris())
-    summary = RunSummary(config.output, output.next_run_index(), len(listed), len(listed) - len(todo))
+    prompt_errors: List[dict] = []
+    if config.prompts:  # only prompted images; prompts for images not listed become error rows
+        from pipeline.prompted import load_prompts, select_inputs
+
+        todo, prompt_errors = select_inputs(config, listed, output.written_uris())
+        listed = list(load_prompts(config))
+    summary = RunSummary(config.output, output.next_run_index(), len(listed),
+                         len(listed) - len(todo) - len(prompt_errors))
     manifest = _manifest(config, summary, started, checkpoint_sha256=None, status="running")
-    if todo:
+    if todo or prompt_errors:
         manifest["checkpoint_sha256"] = check_model(config) if stage is None else None
         output.mark_incomplete()
         output.write_manifest(manifest)
         try:
-            _write_rows(build_dataset(config, todo, stage), output, summary, config, progress)
+            dataset = build_dataset(config, todo, stage) if todo else None
+            _write_rows(dataset, output, summary, config, progress, prompt_errors)
         except BaseException as exc:
             summary.seconds = time.perf_counter() - clock
             output.write_manifest(_finish(manifest, summary, "failed", error=f"{type(exc).__name__}: {exc}"))
@@ -138,13 +155,20 @@ def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[
     return summary
 
 
-def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateConfig, progress: bool) -> None:
+def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateConfig, progress: bool,
+                first_rows: Sequence[dict] = ()) -> None:
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows written
-    writer = ShardWriter(output, summary.run_index, schema.OUTPUT_SCHEMA, config.rows_per_shard)
+    row_schema = schema.OUTPUT_SCHEMA
+    if config.prompts:
+        from pipeline.prompted import PROMPTED_OUTPUT_SCHEMA as row_schema
+    writer = ShardWriter(output, summary.run_index, row_schema, config.rows_per_shard)
     bar = _progress_bar(summary.listed - summary.already_written, progress)
-    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+    tables = [] if dataset is None else dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    if first_rows:
+        tables = itertools.chain([schema.rows_to_table(first_rows, row_schema)], tables)
+    for table in tables:
         writer.write(table)
         ok = pc.sum(pc.equal(table["status"], schema.STATUS_OK)).as_py() or 0
         summary.ok += ok
