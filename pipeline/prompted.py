@@ -39,6 +39,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
+from pipeline.decode import text_or_none
 from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
 from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
@@ -266,10 +267,11 @@ class PromptedAnnotator:
                                     PROMPTED_OUTPUT_SCHEMA)
 
     def _row(self, batch: dict, i: int) -> dict:
-        uri, sha = str(batch["uri"][i]), batch["image_sha256"][i]
+        uri, sha = str(batch["uri"][i]), text_or_none(batch["image_sha256"][i])
         timings = {name: batch[name][i] for name in ("read_s", "decode_s") if name in batch}
         if batch["status"][i] != schema.STATUS_OK:
-            return schema.error_row(uri, batch["error"][i] or "decode failed", image_sha256=sha, timings=timings)
+            reason = text_or_none(batch["error"][i]) or "decode failed"
+            return schema.error_row(uri, reason, image_sha256=sha, timings=timings)
         start = time.perf_counter()
         image = batch["image"][i]
         try:
