@@ -1,0 +1,174 @@
+"""`sam-annotate` / `python -m jobs.annotate`: pseudo-label an image corpus with SAM.
+
+    python -m jobs.annotate --input s3://bucket/images/ --output s3://bucket/sam/ \\
+        --checkpoint s3://bucket/models/sam_vit_h_4b8939.pth
+
+Run with no arguments (or `--demo`) it annotates the photos bundled in `jobs/samples/` with a
+random-weight tiny model on local Ray, so a new user sees the whole job work offline. Those
+masks are meaningless; with a real `--checkpoint` the same command is the real job.
+
+This module only turns arguments into an `AnnotateConfig` and calls `pipeline.run.run`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from pipeline.config import AnnotateConfig
+from pipeline.decode import DEFAULT_MAX_PIXELS
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+DEMO_OUTPUT = "demo-output"
+# The demo's random model: small enough for 2 CPU cores, same code path as a real checkpoint.
+DEMO_SIZES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=2, window_size=8, global_attn_indexes=(1,), image_size=512
+)
+DEMO_AMG = dict(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+DEMO_NOTICE = """
+################################################################################
+#  DEMO MODE: the model has RANDOM WEIGHTS. Its masks are MEANINGLESS.         #
+#  It shows the job working end to end, offline. For real masks pass           #
+#  --checkpoint with official SAM weights (sam_vit_h_4b8939.pth) or a          #
+#  Hugging Face SAM directory, and --input / --output of your corpus.          #
+################################################################################
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = AnnotateConfig(input="", output="", checkpoint="")
+    parser = argparse.ArgumentParser(
+        prog="sam-annotate",
+        description="Annotate images with SAM automatic mask generation: one Parquet row per image, COCO-RLE masks.",
+    )
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--input", help="prefix or glob (walked recursively for images), or a .txt / .parquet manifest of URIs")
+    io.add_argument("--output", help="output root (local path or fsspec URL)")
+    io.add_argument("--checkpoint", help="official .pth, or a Hugging Face SAM directory / model.safetensors (path or URL)")
+    io.add_argument("--checkpoint-sha256", help="refuse the checkpoint unless its sha256 is this")
+    io.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"), help="default: read from the checkpoint")
+    io.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+                    help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
+                    "default: the standard AWS environment")
+    io.add_argument("--overwrite", action="store_true", help="delete this tool's files in --output and start clean")
+    io.add_argument("--limit", type=int, help="annotate only the first N inputs (sorted)")
+    io.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help="larger images become error rows (decompression-bomb guard)")
+    io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks")
+    io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight model")
+
+    amg = parser.add_argument_group("automatic mask generation (segment-anything's parameters)")
+    for name in AnnotateConfig(input="", output="", checkpoint="").amg_kwargs():
+        value = getattr(defaults, name)
+        amg.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value:g}")
+
+    scale = parser.add_argument_group("scaling")
+    scale.add_argument("--num-actors", type=int, help="annotator actors; default one per GPU, else one per CPU")
+    scale.add_argument("--gpus-per-actor", type=float, help="default 1 on a GPU cluster, 0 otherwise")
+    scale.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per encoder batch")
+    scale.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard, help="rows per Parquet file")
+    scale.add_argument("--ray-address", help="Ray cluster to join; default RAY_ADDRESS or a local Ray")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
+    """Arguments -> AnnotateConfig; the demo fills in what was not given."""
+    values = {k: v for k, v in vars(args).items() if k in AnnotateConfig.__dataclass_fields__}
+    if args.demo:
+        values["input"] = values["input"] or str(SAMPLES_DIR)
+        values["output"] = values["output"] or DEMO_OUTPUT
+        values["checkpoint"] = values["checkpoint"] or str(demo_checkpoint())
+        parser_defaults = vars(build_parser().parse_args([]))
+        for name, value in DEMO_AMG.items():
+            if values[name] == parser_defaults[name]:
+                values[name] = value
+    missing = [f"--{name}" for name in ("input", "output", "checkpoint") if not values.get(name)]
+    if missing:
+        raise SystemExit(f"sam-annotate: error: {', '.join(missing)} required (or run with --demo)")
+    return AnnotateConfig.from_dict(values)
+
+
+def demo_checkpoint() -> Path:
+    """A random-weight tiny SAM saved as an official .pth, made once per machine (fixed seed)."""
+    import torch
+
+    from sam_core import SamConfig, SamPromptEncoderConfig, SamVisionConfig, build_sam
+
+    path = Path(tempfile.gettempdir()) / "sam-annotate-demo" / "random-tiny-sam-v1.pth"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = SamConfig(
+            vision_config=SamVisionConfig(**DEMO_SIZES),
+            prompt_encoder_config=SamPromptEncoderConfig(image_size=DEMO_SIZES["image_size"]),
+        )
+        model = build_sam(config)
+        with torch.no_grad():  # random, not near-zero, so that the demo draws some masks
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, path)
+    return path
+
+
+def init_ray(address: Optional[str]) -> None:
+    """Join the given or ambient (RAY_ADDRESS, `ray job submit`) cluster, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+        return
+    # Local Ray: workers must import this checkout even when it is not pip-installed.
+    root = str(Path(__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv or ["--demo"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction(list(_secret_values(args.storage_options)))
+    config = config_from_args(args)
+    if config.demo:
+        print(DEMO_NOTICE, file=sys.stderr, flush=True)
+
+    from pipeline.run import run
+    from sam_core import CheckpointError
+
+    init_ray(args.ray_address)
+    try:
+        summary = run(config, progress=not args.no_progress)
+    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
+        from pipeline.redact import redact_text
+
+        print(f"sam-annotate: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    if config.demo:
+        print(DEMO_NOTICE, file=sys.stderr, flush=True)
+    return 0
+
+
+def _secret_values(storage_options: dict) -> List[str]:
+    from pipeline.redact import secret_values
+
+    return secret_values(storage_options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
