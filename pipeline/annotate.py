@@ -11,7 +11,6 @@ load stops the job with the loader's own message instead of failing inside every
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import time
 from typing import Callable, List, Optional
@@ -29,10 +28,6 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 8 * 1024 * 1024
 
 
-class ChecksumMismatch(ValueError):
-    """The checkpoint's sha256 is not the one the user asked for (--checkpoint-sha256)."""
-
-
 def pick_device() -> str:
     import torch
 
@@ -40,13 +35,16 @@ def pick_device() -> str:
 
 
 def load_model(config: AnnotateConfig, device: str = "cpu"):
-    """``sam_core.load_sam`` on the configured checkpoint; storage options go along if it takes them."""
+    """``sam_core.load_sam`` on the configured checkpoint (verifying --checkpoint-sha256 if given)."""
     from sam_core import load_sam
 
-    kwargs = {"model_type": config.model_type, "device": device}
-    if config.storage_options and "storage_options" in inspect.signature(load_sam).parameters:
-        kwargs["storage_options"] = config.storage_options
-    return load_sam(config.checkpoint, **kwargs)
+    return load_sam(
+        config.checkpoint,
+        model_type=config.model_type,
+        device=device,
+        storage_options=config.storage_options,
+        expected_sha256=config.checkpoint_sha256,
+    )
 
 
 def make_generator(config: AnnotateConfig, device: str):
@@ -69,20 +67,13 @@ def checkpoint_sha256(config: AnnotateConfig) -> str:
 
 
 def check_model(config: AnnotateConfig) -> str:
-    """Verify and load the checkpoint once on the driver; returns its sha256.
+    """Load the checkpoint once on the driver; returns its sha256 for the run manifest.
 
-    Raises the loader's error (``sam_core.CheckpointError``) or ``ChecksumMismatch`` before any
-    image is processed.
+    Raises the loader's ``sam_core.CheckpointError`` (missing, corrupt, wrong format, checksum
+    mismatch) before any image is processed.
     """
-    sha256 = checkpoint_sha256(config)
-    expected = (config.checkpoint_sha256 or "").lower()
-    if expected and expected != sha256:
-        raise ChecksumMismatch(
-            f"checkpoint {redact_text(config.checkpoint)} has sha256 {sha256}, expected {expected}"
-        )
-    model = load_model(config, "cpu")
-    del model
-    return sha256
+    load_model(config, "cpu")  # loaded and dropped: only its errors matter here
+    return checkpoint_sha256(config)
 
 
 class Annotator:

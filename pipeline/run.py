@@ -73,8 +73,9 @@ def annotate_stage(config: AnnotateConfig) -> Tuple[type, dict]:
 def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     """(number of actors, GPUs per actor) from the config and ``ray.cluster_resources()``.
 
-    Default: one actor per GPU when the cluster has GPUs; otherwise CPU actors, one per CPU
-    but one, leaving a CPU for reading and decoding.
+    Default: one actor per GPU when the cluster has GPUs (reading and decoding then run as
+    CPU tasks); otherwise one CPU actor per CPU: with equal resources Ray fuses read and decode
+    into the actors, so each actor decodes its own images and no CPU is left idle.
     """
     gpus = float(cluster.get("GPU", 0))
     cpus = int(cluster.get("CPU", 1))
@@ -83,7 +84,7 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
         return config.num_actors, gpus_per_actor
     if gpus_per_actor > 0:
         return max(1, int(gpus // gpus_per_actor)), gpus_per_actor
-    return max(1, cpus - 1), gpus_per_actor
+    return max(1, cpus), gpus_per_actor
 
 
 def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple[type, dict]] = None):
