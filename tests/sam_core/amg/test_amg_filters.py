@@ -53,3 +53,14 @@ def test_filters_match_oracle_on_random_masks():
             is_box_near_crop_edge(ours, crop, [0, 0, 53, 37], atol=4),
             amg.is_box_near_crop_edge(ours, crop, [0, 0, 53, 37], atol=4),
         )
+
+
+@pytest.mark.oracle
+def test_uncrop_masks_matches_oracle():
+    from segment_anything.utils import amg
+
+    from sam_core.amg.decoding import uncrop_masks
+
+    masks = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) > 0.5
+    for crop in ([5, 7, 35, 27], [0, 0, 30, 20], [0, 3, 30, 23]):
+        assert torch.equal(uncrop_masks(masks, crop, (40, 50)), amg.uncrop_masks(masks, crop, 40, 50))

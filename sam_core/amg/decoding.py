@@ -1,0 +1,58 @@
+"""From point prompts to full-resolution candidate masks, for one embedded image (or crop).
+
+Calls the model's prompt encoder and mask decoder as the official predictor does, but keeps the
+low-resolution logits and only upsamples the masks that pass the predicted-IoU filter: that
+filter does not depend on the mask pixels, so skipping the others changes nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def decode_points(
+    model, features: torch.Tensor, coords_input: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimask prediction for one foreground point per prompt.
+
+    Args:
+        features: (1, C, G, G) image embedding.
+        coords_input: (B, 2) points (x, y) in the resized-input frame.
+    Returns:
+        low-res logits (B * 3, 4G, 4G) float32 and IoU predictions (B * 3,) float32, the three
+        masks of a prompt consecutive.
+    """
+    labels = torch.ones(len(coords_input), 1, dtype=torch.int, device=coords_input.device)
+    sparse, dense = model.prompt_encoder(points=(coords_input[:, None, :], labels), boxes=None, masks=None)
+    low_res, iou = model.mask_decoder(
+        image_embeddings=features,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+    return low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
+
+
+def upscale_chunk_size(input_side: int, image_size: tuple[int, int], budget_bytes: int = 256 << 20) -> int:
+    """How many masks to upsample at once so the float32 intermediates stay within ``budget_bytes``.
+
+    Each mask needs the padded input square (input_side**2) and the image-size result.
+    """
+    per_mask = 4 * (input_side * input_side + 2 * image_size[0] * image_size[1])
+    return max(1, budget_bytes // per_mask)
+
+
+def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+    """(N, 4G, 4G) low-res logits -> (N, H, W) float32 logits, exactly the model's postprocessing."""
+    return model.postprocess_masks(low_res[:, None], input_size, image_size)[:, 0]
+
+
+def uncrop_masks(masks: torch.Tensor, crop_box: list[int], image_size: tuple[int, int]) -> torch.Tensor:
+    """Place (N, h, w) crop masks into (N, H, W) zero masks of the full image."""
+    height, width = image_size
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return masks
+    full = torch.zeros(len(masks), height, width, dtype=torch.bool, device=masks.device)
+    full[:, y0:y1, x0:x1] = masks
+    return full
