@@ -323,11 +323,14 @@ def save_hf_pretrained(
     model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
     config: SamConfig,
     directory: str,
+    *,
+    storage_options: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """Write ``config.json`` + ``model.safetensors`` in the HF repository layout.
 
     ``model_or_state_dict`` is our (or Meta's) ``Sam`` or its state dict, in Meta key names.
-    ``directory`` is a local path or any fsspec URL; it is created if needed. Like
+    ``directory`` is a local path or any fsspec URL (``storage_options`` go to fsspec, as in
+    ``load_sam``); it is created if needed. Like
     ``transformers``' ``save_pretrained``, the tied positional copy is left out of the file.
     The result loads with ``transformers.SamModel.from_pretrained`` and with ``sam_core.load_sam``.
     Returns ``directory``.
@@ -343,7 +346,7 @@ def save_hf_pretrained(
     blob = safetensors_bytes(tensors, metadata={"format": "pt"})
     config_text = json.dumps(config_to_hf_dict(config), indent=2, sort_keys=True) + "\n"
 
-    fs, root = fsspec.core.url_to_fs(directory)
+    fs, root = fsspec.core.url_to_fs(str(directory), **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     root = root.rstrip("/")
     with fs.open(f"{root}/{HF_CONFIG_NAME}", "w") as f:

@@ -88,6 +88,20 @@ def test_our_hf_writer_round_trips_through_load_sam(tmp_path):
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())
 
 
+@pytest.mark.s3
+def test_hf_repository_on_s3_loads_by_url(s3):
+    """Written to real S3 (SeaweedFS) by our writer, read back by load_sam from the bucket URL."""
+    official = make_official_sam(seed=6)
+    url = "s3://models/hf-parity/sam-tiny"
+    save_hf_pretrained(official, tiny_config(), url, storage_options=s3.storage_options)
+    expected = official.state_dict()
+    for source in (url, f"{url}/model.safetensors"):
+        got = load_sam(source, storage_options=s3.storage_options).state_dict()
+        assert sorted(got) == sorted(expected)
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+    s3.filesystem().rm("models/hf-parity", recursive=True)
+
+
 # --- pre-processing ------------------------------------------------------------------------------
 
 
