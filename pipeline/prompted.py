@@ -43,9 +43,12 @@ from pipeline.decode import text_or_none
 from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
 from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
+from sam_core.amg.rle import masks_to_rle, rle_to_coco
 
 MULTIMASK_MODES = ("auto", "always", "never")
-PROMPTS_COLUMN = "prompts_json"  # carried from the listing to the annotator next to each uri
+PROMPTS_COLUMN = "prompts_json"
+# predict_torch upsamples every proposed mask to the full image: bound that tensor (1 GiB of fp32).
+MAX_LOGITS_PER_CHUNK = 2**28  # carried from the listing to the annotator next to each uri
 
 PROMPT_MASK_FIELDS = [
     pa.field("prompt_index", pa.int32()),
@@ -80,20 +83,29 @@ def segment_prompts(predictor, prompts: list[Prompt], prompts_per_batch: int = 6
         predictor: a ``SamPredictor`` (official API) after ``set_image``.
         prompts: in original-image pixels, already checked to lie inside the image.
     Returns:
-        One generator-style record per prompt, in ``prompts`` order: ``segmentation`` (H, W) bool
-        numpy, ``area``, ``bbox`` XYWH, ``predicted_iou``, ``stability_score``, ``point_coords``,
+        One generator-style record per prompt, in ``prompts`` order: ``segmentation`` COCO RLE
+        ``{"size": [H, W], "counts": str}``, ``area``, ``bbox`` XYWH, ``predicted_iou``, ``stability_score``, ``point_coords``,
         ``crop_box`` XYWH, and ``prompt`` (the source Prompt).
     """
     groups: dict[tuple, list[Prompt]] = defaultdict(list)
     for prompt in prompts:
         groups[_batch_shape(prompt, multimask)].append(prompt)
     by_index: dict[int, dict] = {}
+    height, width = predictor.original_size
     for (has_box, n_points, multi), group in groups.items():
-        for start in range(0, len(group), prompts_per_batch):
-            chunk = group[start: start + prompts_per_batch]
+        step = prompts_per_chunk(prompts_per_batch, 3 if multi else 1, height, width)
+        for start in range(0, len(group), step):
+            chunk = group[start: start + step]
             records = _decode_chunk(predictor, chunk, has_box, n_points, multi, stability_score_offset)
             by_index.update((p.index, r) for p, r in zip(chunk, records))
     return [by_index[p.index] for p in prompts]
+
+
+def prompts_per_chunk(prompts_per_batch: int, masks_per_prompt: int, height: int, width: int,
+                      max_logits: int = MAX_LOGITS_PER_CHUNK) -> int:
+    """How many prompts one ``predict_torch`` call may take: at most ``prompts_per_batch``, and few
+    enough that its full-resolution logits (prompts x masks x H x W floats) stay under ``max_logits``."""
+    return max(1, min(prompts_per_batch, max_logits // (masks_per_prompt * height * width)))
 
 
 def _decode_chunk(predictor, chunk: list[Prompt], has_box: bool, n_points: int, multimask: bool,
@@ -122,11 +134,11 @@ def _decode_chunk(predictor, chunk: list[Prompt], has_box: bool, n_points: int, 
     stability = stability_score(logits, mask_threshold, stability_score_offset).cpu().tolist()
     boxes_xyxy = masks_to_boxes_xyxy(masks).cpu()
     areas = masks.sum(dim=(-2, -1)).cpu().tolist()
-    masks = masks.cpu().numpy()
+    rles = masks_to_rle(masks)  # run lengths found on the device; only they cross to the host
     height, width = original_size
     return [
         {
-            "segmentation": masks[k],
+            "segmentation": rle_to_coco(rles[k]),
             "area": int(areas[k]),
             "bbox": [float(v) for v in box_xyxy_to_xywh(boxes_xyxy[k])],
             "predicted_iou": float(iou[k]),

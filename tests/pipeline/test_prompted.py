@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline import schema
-from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_rows, prompted_row, wants_multimask)
+from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_rows, prompted_row, prompts_per_chunk,
+                               wants_multimask)
 from pipeline.prompts import (ImagePrompts, Prompt, PromptError, check_prompts_fit, group_prompt_rows,
                               parse_prompt_row, read_prompts)
 from tests.sam_factory import make_official_sam, real_photos, tiny_config
@@ -86,12 +87,20 @@ def test_multimask_rule_follows_the_reference_advice():
         wants_multimask(box, "sometimes")
 
 
+def test_chunks_bound_the_full_resolution_logits():
+    assert prompts_per_chunk(64, 3, 1000, 1000, max_logits=10 * 3 * 1000 * 1000) == 10
+    assert prompts_per_chunk(64, 1, 100, 100, max_logits=10**9) == 64
+    assert prompts_per_chunk(64, 3, 10**5, 10**5, max_logits=10) == 1
+
+
 def test_images_missing_from_the_input_become_error_rows():
     grouped = group_prompt_rows([{"uri": "s3://b/here.jpg", "boxes": [[0, 0, 1, 1]]},
                                  {"uri": "s3://b/gone.jpg", "boxes": [[0, 0, 1, 1]]}])
     (row,) = missing_image_rows(grouped, ["s3://b/here.jpg", "s3://b/other.jpg"])
     assert (row["uri"], row["status"]) == ("s3://b/gone.jpg", "error")
     assert "not in --input" in row["error"]
+    local = group_prompt_rows([{"uri": "file:///data/a.png", "boxes": [[0, 0, 1, 1]]}])
+    assert missing_image_rows(local, ["/data/a.png"]) == []  # file:// is optional for local paths
 
 
 # --- masks, against the reference predictor ---------------------------------------------------
