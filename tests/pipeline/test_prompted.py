@@ -197,3 +197,30 @@ def test_prompts_outside_the_image_make_an_error_row_without_running_the_model()
     assert "outside the 30x20 image" in row["error"]
     empty = prompted_row(NoModel(), "u", image, ImagePrompts("u", []))
     assert (empty["status"], empty["num_masks"]) == ("ok", 0)
+
+
+def test_actor_keeps_decode_errors_and_annotates_the_rest():
+    from segment_anything import SamPredictor as ReferencePredictor
+
+    from pipeline.config import AnnotateConfig
+    from pipeline.prompted import PROMPTS_COLUMN, PromptedAnnotator
+
+    config = AnnotateConfig(input="in", output="out", checkpoint="unused", prompts="p.parquet").to_dict()
+    actor = PromptedAnnotator(config, predictor_factory=lambda _: ReferencePredictor(make_official_sam(seed=1)))
+    image = real_photos()[2]
+    prompts = ImagePrompts("b", [Prompt(0, box_xyxy=(5.0, 5.0, 60.0, 40.0), label="cat")])
+    batch = {
+        "uri": np.array(["a", "b"], dtype=object),
+        "image": np.array([np.zeros((0, 0, 3), np.uint8), image], dtype=object),
+        "status": np.array(["error", "ok"], dtype=object),
+        "error": np.array(["not a recognised image format", float("nan")], dtype=object),  # NaN: Ray's None
+        "image_sha256": np.array([float("nan"), "abc"], dtype=object),
+        PROMPTS_COLUMN: np.array([ImagePrompts("a").to_json(), prompts.to_json()], dtype=object),
+        "decode_s": np.array([0.1, 0.2]),
+    }
+    table = actor(batch)
+    assert table.schema.equals(PROMPTED_OUTPUT_SCHEMA)
+    bad, good = table.to_pylist()
+    assert (bad["status"], bad["error"], bad["image_sha256"]) == ("error", "not a recognised image format", None)
+    assert (good["status"], good["num_masks"], good["image_sha256"]) == ("ok", 1, "abc")
+    assert good["masks"][0]["prompt_label"] == "cat" and good["decode_s"] == 0.2
