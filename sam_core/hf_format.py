@@ -57,7 +57,7 @@ _STR_FIELDS = {"hidden_act"}
 def config_from_hf_dict(d: Mapping[str, Any]) -> SamConfig:
     """Build a :class:`SamConfig` from the dict of an HF ``config.json`` (``model_type: "sam"``).
 
-    Missing sub-configs and fields take the HF defaults (the ViT-H sizes). Unknown keys are ignored:
+    Missing sub-configs and fields take the HF defaults (ViT-B sizes). Unknown keys are ignored:
     Hub configs carry many (``intermediate_size``, ``projection_dim``, ``dropout``, generation
     settings of old ``PretrainedConfig`` dumps); in particular ``intermediate_size`` is NOT the MLP
     width, ``mlp_dim`` is (SlimSAM sets it with a pruned ``hidden_size``). Raises ``ValueError`` that
