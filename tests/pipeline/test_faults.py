@@ -1,0 +1,208 @@
+"""Faults of issue 5 that a test can afford: every input keeps exactly one row.
+
+- an annotator actor killed (SIGKILL) in the middle of a batch;
+- the driver killed mid-run, then the same command rerun;
+- the model failing to load: missing, corrupt, wrong format, wrong sha256 (on the driver,
+  before any image), and failing inside the actors (the job stops with the message);
+- a batch made only of objects that vanished (all-null columns through Ray Data).
+
+The annotate stage is the pipeline's own stand-in generator where the model does not matter,
+so these tests exercise Ray Data, the read/decode stages and the sink, not SAM.
+S3 server restarts are in ``bench/fault_injection.py`` (too slow for the suite).
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import AnnotateConfig
+from pipeline.run import run
+from pipeline.sink import SHARD_PATTERN
+from tests.pipeline.bad_inputs import jpeg, photo
+from tests.pipeline.faulty_stages import BrokenModelAnnotator, CrashingAnnotator
+from tests.pipeline.standin import StandInAnnotator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_images(folder: Path, count: int) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:03d}.jpg"
+        path.write_bytes(jpeg(photo(24 + i % 5, 16 + i % 3, seed=i)))
+        paths.append(str(path))
+    return paths
+
+
+def read_rows(output: Path) -> list:
+    shards = sorted(p for p in output.iterdir() if SHARD_PATTERN.match(p.name))
+    return [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+
+
+def config_for(tmp_path: Path, **overrides) -> AnnotateConfig:
+    values = dict(
+        input=str(tmp_path / "images"),
+        output=str(tmp_path / "out"),
+        checkpoint="unused-by-stand-in",
+        num_actors=1,
+        batch_size=2,
+        rows_per_shard=4,
+    )
+    values.update(overrides)
+    return AnnotateConfig(**values)
+
+
+def test_annotator_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path):
+    inputs = write_images(tmp_path / "images", 16)
+    config = config_for(tmp_path)
+    marker = tmp_path / "crashed"
+    stage = (CrashingAnnotator, {"config": config.to_dict(), "crash_marker": str(marker)})
+    summary = run(config, progress=False, stage=stage)
+    assert marker.exists(), "the actor was never killed: the test proved nothing"
+    uris = [row["uri"] for row in read_rows(tmp_path / "out")]
+    assert sorted(uris) == sorted(inputs)  # rows equal inputs, no duplicates
+    assert summary.ok == len(inputs) and summary.failed == 0
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys, ray
+    from pipeline.config import AnnotateConfig
+    from pipeline.run import run
+    from tests.pipeline.faulty_stages import SlowAnnotator
+
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=128 * 1024 * 1024, include_dashboard=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS")}})
+    config = AnnotateConfig(input=sys.argv[1], output=sys.argv[2], checkpoint="unused", num_actors=1,
+                            batch_size=2, rows_per_shard=4)
+    summary = run(config, progress=False, stage=(SlowAnnotator, {"config": config.to_dict()}))
+    print("SUMMARY", summary.already_written, summary.ok, summary.failed, flush=True)
+    """
+)
+
+
+def start_driver(tmp_path: Path, slow_s: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": str(slow_s), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(tmp_path / "images"), str(tmp_path / "out")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: Ray's processes go with it below
+    )
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def test_driver_killed_mid_run_then_rerun_completes_the_rest(tmp_path):
+    inputs = write_images(tmp_path / "images", 24)
+    out = tmp_path / "out"
+    first = start_driver(tmp_path, slow_s=0.4)
+    try:
+        while first.poll() is None and len([p for p in out.glob("part-*.parquet")]) < 2:
+            time.sleep(0.1)
+        assert first.poll() is None, f"the first run ended before it could be killed:\n{first.stdout.read()}"
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, as a lost head node would
+    finally:
+        stop_group(first)
+
+    before = read_rows(out)  # every shard left behind is complete, valid Parquet
+    assert 0 < len(before) < len(inputs)
+    assert not (out / "_SUCCESS").exists()
+
+    second = start_driver(tmp_path, slow_s=0.0)
+    try:
+        log, _ = second.communicate()
+    finally:
+        stop_group(second)
+    assert second.returncode == 0, log[-3000:]
+    summary_line = next(line for line in log.splitlines() if line.startswith("SUMMARY"))
+    already, ok, failed = map(int, summary_line.split()[1:])
+    assert already == len(before) and ok == len(inputs) - len(before) and failed == 0
+
+    uris = [row["uri"] for row in read_rows(out)]
+    assert sorted(uris) == sorted(inputs)
+    assert (out / "_SUCCESS").exists()
+
+
+def test_batch_of_only_vanished_objects_still_gives_one_clean_row_each(ray_session, tmp_path):
+    manifest = tmp_path / "inputs.txt"
+    gone = [str(tmp_path / "images" / f"gone_{i}.jpg") for i in range(5)]
+    manifest.write_text("\n".join(gone) + "\n")
+    config = config_for(tmp_path, input=str(manifest))
+    run(config, progress=False, stage=(StandInAnnotator, {"config": config.to_dict()}))
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["uri"] for r in rows) == sorted(gone)
+    for row in rows:
+        assert row["status"] == "error" and "not found" in row["error"]
+        assert row["image_sha256"] is None  # never read: null, not the text "nan"
+        assert row["width"] is None and row["num_masks"] == 0
+
+
+def test_model_failing_inside_the_actors_stops_the_job_with_its_message(ray_session, tmp_path):
+    write_images(tmp_path / "images", 4)
+    config = config_for(tmp_path)
+    with pytest.raises(Exception, match="truncated download"):
+        run(config, progress=False, stage=(BrokenModelAnnotator, {"config": config.to_dict()}))
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.sam_factory import make_official_sam, save_official_checkpoint
+
+    return save_official_checkpoint(make_official_sam(seed=1), tmp_path_factory.mktemp("model") / "tiny.pth")
+
+
+def _bad_checkpoints(folder: Path, good: Path) -> dict:
+    folder.mkdir(exist_ok=True)
+    data = good.read_bytes()
+    (folder / "truncated.pth").write_bytes(data[: len(data) // 3])
+    (folder / "photo.pth").write_bytes(jpeg(photo()))
+    (folder / "text.pth").write_text("<html>404 Not Found</html>\n")
+    return {
+        "missing": str(folder / "nowhere" / "sam_vit_b.pth"),
+        "truncated": str(folder / "truncated.pth"),
+        "not a checkpoint": str(folder / "photo.pth"),
+        "text": str(folder / "text.pth"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not a checkpoint", "text"])
+def test_model_that_cannot_load_fails_fast_before_any_image(ray_session, tmp_path, tiny_checkpoint, kind):
+    from sam_core import CheckpointError
+
+    write_images(tmp_path / "images", 3)
+    checkpoint = _bad_checkpoints(tmp_path / "models", Path(tiny_checkpoint))[kind]
+    with pytest.raises(CheckpointError) as info:
+        run(config_for(tmp_path, checkpoint=checkpoint), progress=False)
+    message = str(info.value)
+    assert Path(checkpoint).name in message or "nowhere" in message
+    # Failed before the plan ran: nothing written, not even a manifest.
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_wrong_checkpoint_sha256_fails_fast_before_any_image(ray_session, tmp_path, tiny_checkpoint):
+    from sam_core import CheckpointError
+
+    write_images(tmp_path / "images", 3)
+    config = config_for(tmp_path, checkpoint=str(tiny_checkpoint), checkpoint_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="sha256"):
+        run(config, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
