@@ -251,3 +251,32 @@ def test_hf_directory_without_config(hf_dir, tmp_path):
     shutil.copy(hf_dir / "model.safetensors", bare / "model.safetensors")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_sam(bare)
+
+
+# ---------------------------------------------------------------- object storage (real S3: SeaweedFS)
+
+
+@pytest.mark.s3
+def test_official_checkpoint_from_s3(s3, reference, checkpoint):
+    fs = s3.filesystem()
+    url = "s3://models/test-checkpoint/tiny.pth"
+    fs.put(str(checkpoint), url)
+    try:
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        model = load_sam(url, storage_options=s3.storage_options, expected_sha256=digest)
+        _assert_same_weights(model, reference.state_dict())
+        # The session exports AWS_* as a cluster would: no storage options needed.
+        _assert_same_weights(load_sam(url), reference.state_dict())
+
+        fs.pipe("models/test-checkpoint/partial.pth", checkpoint.read_bytes()[:2000])
+        with pytest.raises(CheckpointError, match="truncated"):
+            load_sam("s3://models/test-checkpoint/partial.pth", storage_options=s3.storage_options)
+        with pytest.raises(CheckpointError, match="checkpoint not found"):
+            load_sam("s3://models/test-checkpoint/missing.pth", storage_options=s3.storage_options)
+
+        wrong = {**s3.storage_options, "secret": "not-the-secret-42"}
+        with pytest.raises(CheckpointError, match="cannot open checkpoint.*PermissionError") as error:
+            load_sam(url, storage_options=wrong)
+        assert "not-the-secret-42" not in str(error.value) and s3.secret_key not in str(error.value)
+    finally:
+        fs.rm("models/test-checkpoint", recursive=True)
