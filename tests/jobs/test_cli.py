@@ -71,3 +71,18 @@ def test_demo_annotates_the_bundled_samples_with_a_loud_notice(ray_session, tmp_
     assert sorted(table.column("uri").to_pylist()) == samples
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert (output / "_SUCCESS").exists()
+
+
+def test_the_kuberay_entrypoint_and_runtime_env_are_valid():
+    import shlex
+
+    import yaml
+
+    rayjob = yaml.safe_load((cli.SAMPLES_DIR.parent / "k8s" / "rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob"
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.annotate"]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv[3:]))
+    assert config.input.startswith("s3://") and config.checkpoint.endswith(".pth")
+    runtime_env = yaml.safe_load((cli.SAMPLES_DIR.parent / "runtime_env.yaml").read_text())
+    assert runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
