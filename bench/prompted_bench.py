@@ -29,6 +29,10 @@ from pipeline.prompted import prompted_row, wants_multimask  # noqa: E402
 from pipeline.prompts import ImagePrompts, Prompt  # noqa: E402
 
 
+# Batched and one-at-a-time decoding round differently; a logit at the threshold may flip a pixel.
+MAX_DIFFERING_FRACTION = 1e-5
+
+
 def build_models(model: str, seed: int):
     """(ours, reference) ``Sam`` modules holding identical random weights."""
     from sam_core import SamConfig, build_sam
@@ -140,14 +144,16 @@ def main(argv=None) -> int:
     encode_s = timed(lambda: [ours.set_image(image) for image in images])[1]
     print(f"model={args.model} images={len(images)} ({images[0].shape[1]}x{images[0].shape[0]} first) "
           f"prompts/image={args.prompts} threads={torch.get_num_threads()} device=cpu")
-    print(f"masks equal to the reference: {differing_pixels} of {pixels} pixels differ")
+    equal = differing_pixels <= MAX_DIFFERING_FRACTION * pixels
+    print(f"masks {'equal' if equal else 'NOT equal'} to the reference: {differing_pixels} of {pixels} pixels differ"
+          f" (allowed: float-rounding flips at the threshold, {MAX_DIFFERING_FRACTION:g} of pixels)")
     print(f"ours      prompted: {total_prompts / ours_s:8.2f} prompts/s  ({ours_s:.2f}s, incl. "
           f"{encode_s:.2f}s encoding)")
     print(f"reference prompted: {total_prompts / reference_s:8.2f} prompts/s  ({reference_s:.2f}s)")
     print(f"speed-up (ours / reference): {reference_s / ours_s:.2f}x")
     print(f"ours AMG ({args.points_per_side}x{args.points_per_side} grid): {len(images) / amg_s:8.2f} images/s "
           f"({amg_s:.2f}s); prompted mode: {len(images) / ours_s:.2f} images/s at {args.prompts} prompts/image")
-    return 0 if differing_pixels == 0 else 1
+    return 0 if equal else 1
 
 
 if __name__ == "__main__":
