@@ -89,7 +89,12 @@ def load_sam(
     state_dict, is_safetensors = _read_tensors(weights, shown)
 
     config: Optional[SamConfig] = None
-    if is_safetensors and hf_config_path is not None and _looks_hf(state_dict):
+    if is_safetensors and _looks_hf(state_dict):
+        if hf_config_path is None:
+            raise CheckpointError(
+                f"{shown} holds Hugging Face-named tensors (e.g. {_first(sorted(state_dict)[:1])}) but no "
+                f"{HF_CONFIG_NAME} lies next to it; pass the directory holding both"
+            )
         config, state_dict = _from_hf(weights.fs, hf_config_path, state_dict, shown)
     elif not is_safetensors:
         state_dict = _unwrap(state_dict, shown)

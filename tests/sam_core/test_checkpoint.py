@@ -251,6 +251,8 @@ def test_hf_directory_without_config(hf_dir, tmp_path):
     shutil.copy(hf_dir / "model.safetensors", bare / "model.safetensors")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_sam(bare)
+    with pytest.raises(CheckpointError, match="Hugging Face-named tensors .* no config.json lies next to it"):
+        load_sam(bare / "model.safetensors")
 
 
 # ---------------------------------------------------------------- object storage (real S3: SeaweedFS)
