@@ -223,7 +223,9 @@ def _read_tensors(weights: _Weights, shown: str) -> tuple[dict, bool]:
         if weights.data is not None:
             loaded = torch.load(io.BytesIO(weights.data), map_location="cpu", weights_only=True)
         else:
-            loaded = torch.load(weights.path, map_location="cpu", weights_only=True, mmap=is_zip)
+            # No mmap: the model adopts these tensors, and a file mapped into it could be rewritten
+            # underneath a running model (SIGBUS); reading costs the same memory in the end.
+            loaded = torch.load(weights.path, map_location="cpu", weights_only=True)
     except Exception as error:
         message = _first_line(error)
         if "weights_only" in message.lower() or "unsupported global" in message.lower():
