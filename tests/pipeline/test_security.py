@@ -6,7 +6,14 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import AnnotateConfig
@@ -20,6 +27,7 @@ from pipeline.redact import (
     secret_values,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 
@@ -139,3 +147,95 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
         torch.load(handle, weights_only=False)
     assert marker.exists()
     os.remove(marker)
+
+
+# --- The real job with credentials set, and hostile input names --------------------------------
+
+OUR_OUTPUT_NAME = re.compile(r"^(part-\d{4,}-\d{6,}\.parquet|_run\.json|_SUCCESS|_runs/\d{4,}\.json)$")
+HOSTILE_NAMES = ["..jpg", "-rf .jpg", "$(touch pwned).jpg", "名前 with spaces.jpg", "%2e%2e%2fx.jpg", "a;b|c&d.jpg"]
+
+
+def tree(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_hostile_input_names_never_shape_output_names(ray_session, tmp_path):
+    from pipeline.run import run
+    from tests.pipeline.bad_inputs import jpeg, photo
+    from tests.pipeline.standin import StandInAnnotator
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, name in enumerate(HOSTILE_NAMES):
+        (images / name).write_bytes(jpeg(photo(seed=i)))
+    (tmp_path / "outside.jpg").write_bytes(jpeg(photo(seed=99)))
+    uris = [str(images / name) for name in HOSTILE_NAMES] + [
+        f"{images}/sub/../../outside.jpg",  # resolves outside the input folder
+        f"{images}/../../../../../../../etc/passwd.jpg",  # does not exist: an error row
+    ]
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("\n".join(uris) + "\n")
+    before = tree(tmp_path)
+
+    config = AnnotateConfig(input=str(manifest), output=str(tmp_path / "out"), checkpoint="unused",
+                            num_actors=1, batch_size=4, rows_per_shard=3)
+    run(config, progress=False, stage=(StandInAnnotator, {"config": config.to_dict()}))
+
+    written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert written and all(OUR_OUTPUT_NAME.match(name) for name in written), written
+    assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in written} | {"out/_runs"}
+    assert not list(Path("/").glob("pwned")) and not (tmp_path / "pwned").exists()
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(uris)  # kept exactly as listed, never rewritten
+    by_uri = {r["uri"]: r for r in rows}
+    assert by_uri[uris[-2]]["status"] == "ok" and by_uri[uris[-1]]["status"] == "error"
+
+
+@pytest.mark.s3
+def test_credentials_never_reach_logs_manifests_or_rows(s3, tmp_path):
+    """The CLI over S3 with credentials in both the environment and --storage-options."""
+    from tests.pipeline.bad_inputs import jpeg, photo
+    from tests.sam_factory import make_official_sam, save_official_checkpoint
+
+    fs = s3.filesystem()
+    prefix = "images/security-run"
+    fs.pipe(f"{prefix}/good.jpg", jpeg(photo(seed=1)))
+    fs.pipe(f"{prefix}/truncated.jpg", jpeg(photo(seed=2))[:300])
+    fs.pipe(f"{prefix}/page.jpg", b"<html>AccessDenied</html>")
+    checkpoint = save_official_checkpoint(make_official_sam(seed=3), tmp_path / "tiny.pth")
+    fs.put(str(checkpoint), "models/security-tiny.pth")
+    secrets = [s3.secret_key, s3.access_key]
+    assert all(len(s) >= 8 for s in secrets)
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsec", dir="/tmp"))  # short: Ray puts sockets here
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "OMP_NUM_THREADS": "1",
+           "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+           "AWS_ENDPOINT_URL": s3.endpoint_url}
+    common = [
+        sys.executable, "-m", "jobs.annotate", "--input", f"s3://{prefix}/",
+        "--output", "s3://annotations/security-run/", "--checkpoint", "s3://models/security-tiny.pth",
+        "--storage-options", json.dumps(s3.storage_options), "--points-per-side", "2",
+        "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--num-actors", "1", "--no-progress",
+    ]
+    try:
+        job = subprocess.run(common, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+        assert job.returncode == 0, job.stderr[-3000:]
+        refused_args = [a.replace("annotations/security-run/", "annotations/security-refused/") for a in common]
+        refused = subprocess.run(refused_args + ["--checkpoint-sha256", "0" * 64], env=env,
+                                 cwd=REPO_ROOT, capture_output=True, text=True)
+        assert refused.returncode != 0 and "sha256" in refused.stderr
+        ray_logs = {str(p): p.read_bytes() for p in ray_tmp.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")}
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    assert any("worker" in path for path in ray_logs), "no Ray worker logs: nothing was checked there"
+    fs.invalidate_cache()
+    outputs = {path: fs.cat_file(path) for path in fs.find("annotations/security-run/")}
+    rows = pq.read_table("annotations/security-run/", filesystem=fs).to_pylist()
+    assert sorted(r["status"] for r in rows) == ["error", "error", "ok"]
+    assert any(path.endswith("_run.json") for path in outputs)
+    places = {"stdout": job.stdout, "stderr": job.stderr, "refused stderr": refused.stderr + refused.stdout}
+    places.update({path: data.decode("utf-8", "replace") for path, data in outputs.items()})
+    places.update({path: data.decode("utf-8", "replace") for path, data in ray_logs.items()})
+    leaks = [(place, secret) for place, text in places.items() for secret in secrets if secret in text]
+    assert not leaks, leaks
