@@ -206,3 +206,20 @@ def test_wrong_checkpoint_sha256_fails_fast_before_any_image(ray_session, tmp_pa
     with pytest.raises(CheckpointError, match="sha256"):
         run(config, progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_overwrite_with_a_model_that_cannot_load_keeps_the_existing_output(ray_session, tmp_path, tiny_checkpoint):
+    """Failing fast means before any side effect: --overwrite must not wipe the last good run first."""
+    from sam_core import CheckpointError
+
+    inputs = write_images(tmp_path / "images", 3)
+    config = config_for(tmp_path)
+    run(config, progress=False, stage=(StandInAnnotator, {"config": config.to_dict()}))
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(read_rows(tmp_path / "out")) == len(inputs)
+
+    broken = _bad_checkpoints(tmp_path / "models", Path(tiny_checkpoint))["truncated"]
+    with pytest.raises(CheckpointError):
+        run(config_for(tmp_path, checkpoint=broken, overwrite=True), progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert len(read_rows(tmp_path / "out")) == len(inputs)
