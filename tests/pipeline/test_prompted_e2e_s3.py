@@ -2,6 +2,7 @@
 buckets, the Ray Data job, Parquet read back with plain pyarrow, masks equal to the reference
 predictor's, per-row errors, resume, and the COCO export of the result."""
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -10,10 +11,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from jobs import annotate as annotate_cli
 from jobs import export
 from pipeline import schema
-from pipeline.config import AnnotateConfig
-from pipeline.run import run
 from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint
 
 pytestmark = pytest.mark.s3
@@ -54,22 +54,31 @@ def bucket_data(s3, tmp_path_factory):
     return {"uris": uris, "photos": photos, "table": table}
 
 
+COMMAND = [
+    "--input", f"s3://images/{PREFIX}/", "--output", f"s3://annotations/{PREFIX}/out",
+    "--checkpoint", f"s3://models/{PREFIX}/tiny.pth", "--prompts", f"s3://annotations/{PREFIX}/prompts.parquet",
+    "--points-per-batch", "2", "--batch-size", "2", "--num-actors", "1", "--no-progress",
+]
+
+
+def run_counts(s3) -> dict:
+    fs = s3.filesystem()
+    fs.invalidate_cache()  # the manifest was rewritten since this (shared) filesystem last listed it
+    return json.loads(fs.cat_file(f"annotations/{PREFIX}/out/_run.json"))["counts"]
+
+
 @pytest.fixture(scope="module")
 def job(s3, ray_session, bucket_data):
-    config = AnnotateConfig(
-        input=f"s3://images/{PREFIX}/", output=f"s3://annotations/{PREFIX}/out",
-        checkpoint=f"s3://models/{PREFIX}/tiny.pth", prompts=f"s3://annotations/{PREFIX}/prompts.parquet",
-        points_per_batch=2, batch_size=2, num_actors=1,
-    )
-    summary = run(config, progress=False)
+    """`python -m jobs.annotate --prompts ...`, as a user runs it; then the rows, read with plain pyarrow."""
+    assert annotate_cli.main(COMMAND) == 0
     rows = pq.read_table(f"annotations/{PREFIX}/out", filesystem=s3.filesystem()).to_pylist()
-    return {"config": config, "summary": summary, "rows": {r["uri"]: r for r in rows}, "n_rows": len(rows)}
+    return {"counts": run_counts(s3), "rows": {r["uri"]: r for r in rows}, "n_rows": len(rows)}
 
 
 def test_one_row_per_prompted_image_with_clear_errors(job, bucket_data):
     uris = bucket_data["uris"]
     rows = job["rows"]
-    assert job["n_rows"] == 4 and (job["summary"].ok, job["summary"].failed) == (2, 2)
+    assert job["n_rows"] == 4 and (job["counts"]["ok"], job["counts"]["failed"]) == (2, 2)
     assert [rows[u]["status"] for u in uris] == ["ok", "ok", "error"]
     assert "outside the 135x90 image" in rows[uris[2]]["error"]
     assert (rows[uris[2]]["width"], rows[uris[2]]["height"]) == (135, 90)
@@ -103,8 +112,9 @@ def test_masks_equal_the_reference_predictor(job, bucket_data):
 
 
 def test_rerun_writes_nothing_new(job, s3):
-    again = run(job["config"], progress=False)
-    assert (again.processed, again.already_written) == (0, 4)
+    assert annotate_cli.main(COMMAND) == 0
+    counts = run_counts(s3)
+    assert (counts["ok"], counts["failed"], counts["already_written"]) == (0, 0, 4)
     rows = pq.read_table(f"annotations/{PREFIX}/out", filesystem=s3.filesystem())
     assert rows.num_rows == 4
 
