@@ -28,6 +28,8 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.redact import redact_text
+
 DEFAULT_CATEGORY = "object"
 # Extra mask fields written by prompted runs (pipeline/prompted.py); absent or null in AMG runs.
 PROMPT_FIELDS = ("prompt_index", "prompt_box", "prompt_points", "prompt_point_labels", "prompt_label", "prompt_score")
@@ -181,7 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    counts = WRITERS[args.format](args.input, args.output, args.storage_options)
+    try:
+        counts = WRITERS[args.format](args.input, args.output, args.storage_options)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"jobs.export: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
     print(f"exported {counts.images} images, {counts.masks} masks as {args.format} to {args.output}"
           f" ({counts.skipped_errors} error rows skipped)")
     return 0

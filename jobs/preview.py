@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 
 from jobs.export import image_file_stem, iter_ok_rows
 from pipeline.decode import decode_image
+from pipeline.redact import redact_text
 
 OVERLAY_ALPHA = 0.5
 
@@ -108,7 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    written = write_previews(args.input, args.output, args.n, args.storage_options)
+    try:
+        written = write_previews(args.input, args.output, args.n, args.storage_options)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"jobs.preview: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
     print(f"wrote {len(written)} previews to {args.output}")
     return 0
 

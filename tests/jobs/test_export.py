@@ -78,7 +78,9 @@ def test_sa1b_writes_one_json_per_ok_image(output, tmp_path):
             assert annotation["area"] == mask.sum()
 
 
-def test_missing_input_is_a_clear_error(tmp_path):
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .parquet files"):
         export.write_coco(str(tmp_path / "empty"), str(tmp_path / "x.json"))
+    assert export.main(["--input", str(tmp_path / "empty"), "--format", "sa1b", "--output", str(tmp_path / "o")]) == 1
+    assert "jobs.export: error: no .parquet files under" in capsys.readouterr().err
