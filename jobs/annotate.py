@@ -29,7 +29,7 @@ DEMO_OUTPUT = "demo-output"
 DEMO_SIZES = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=2, window_size=8, global_attn_indexes=(1,), image_size=512
 )
-DEMO_AMG = dict(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+DEMO_AMG = dict(points_per_side=4, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 DEMO_NOTICE = """
 ################################################################################

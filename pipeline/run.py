@@ -30,8 +30,8 @@ from pipeline.sink import Output, ShardWriter
 
 log = logging.getLogger(__name__)
 
-# Rows per block of the URI list: small, so that reading and decoding start streaming at once.
-URIS_PER_BLOCK = 16
+# Largest block of the URI list: small, so that reading and decoding start streaming at once.
+MAX_URIS_PER_BLOCK = 64
 
 
 @dataclass
@@ -87,13 +87,19 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     return max(1, cpus), gpus_per_actor
 
 
+def uris_per_block(num_uris: int, num_actors: int) -> int:
+    """Enough blocks to keep every actor fed (about 4 each) even on a small corpus."""
+    return max(1, min(MAX_URIS_PER_BLOCK, -(-num_uris // (4 * max(1, num_actors)))))
+
+
 def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple[type, dict]] = None):
     """The Ray Data plan; lazy until iterated. `stage` overrides `annotate_stage(config)`."""
     import ray
 
     num_actors, gpus_per_actor = plan_actor_pool(config, ray.cluster_resources())
     actor_class, actor_kwargs = stage or annotate_stage(config)
-    blocks = [pa.table({"uri": uris[i: i + URIS_PER_BLOCK]}) for i in range(0, len(uris), URIS_PER_BLOCK)]
+    per_block = uris_per_block(len(uris), num_actors)
+    blocks = [pa.table({"uri": uris[i: i + per_block]}) for i in range(0, len(uris), per_block)]
     if config.prompts:  # each image's prompts travel next to its uri, through read and decode
         from pipeline.prompted import with_prompts
 
@@ -141,6 +147,10 @@ def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[
         output.mark_incomplete()
         output.write_manifest(manifest)
         try:
+            if progress:  # ours counts rows as they are written; read before the Dataset exists
+                import ray
+
+                ray.data.DataContext.get_current().enable_progress_bars = False
             dataset = build_dataset(config, todo, stage) if todo else None
             _write_rows(dataset, output, summary, config, progress, prompt_errors)
         except BaseException as exc:
@@ -158,9 +168,6 @@ def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[
 
 def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateConfig, progress: bool,
                 first_rows: Sequence[dict] = ()) -> None:
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows written
     row_schema = schema.OUTPUT_SCHEMA
     if config.prompts:
         from pipeline.prompted import PROMPTED_OUTPUT_SCHEMA as row_schema
@@ -169,16 +176,18 @@ def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateCo
     tables = [] if dataset is None else dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     if first_rows:
         tables = itertools.chain([schema.rows_to_table(first_rows, row_schema)], tables)
-    for table in tables:
-        writer.write(table)
-        ok = pc.sum(pc.equal(table["status"], schema.STATUS_OK)).as_py() or 0
-        summary.ok += ok
-        summary.failed += table.num_rows - ok
-        summary.masks += pc.sum(table["num_masks"]).as_py() or 0
-        bar.update(table.num_rows)
-        bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks, refresh=False)
-    writer.close()
-    bar.close()
+    try:
+        for table in tables:
+            writer.write(table)
+            ok = pc.sum(pc.equal(table["status"], schema.STATUS_OK)).as_py() or 0
+            summary.ok += ok
+            summary.failed += table.num_rows - ok
+            summary.masks += pc.sum(table["num_masks"]).as_py() or 0
+            bar.update(table.num_rows)
+            bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks, refresh=False)
+    finally:  # rows already received are kept even when the run stops: a rerun skips them
+        bar.close()
+        writer.close()
 
 
 def _progress_bar(total: int, enabled: bool):

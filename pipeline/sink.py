@@ -20,6 +20,7 @@ import json
 import posixpath
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Set, Tuple
 
 import fsspec
@@ -67,10 +68,15 @@ class Output:
 
     def written_uris(self) -> Set[str]:
         """URIs that already have a row; reads only the `uri` column of each shard."""
-        uris: Set[str] = set()
-        for shard in self.shard_paths():
+        def read_uris(shard: str) -> List[str]:
             with self.fs.open(shard, "rb") as handle:
-                uris.update(pq.read_table(handle, columns=["uri"]).column("uri").to_pylist())
+                return pq.read_table(handle, columns=["uri"]).column("uri").to_pylist()
+
+        uris: Set[str] = set()
+        # Object-store reads are latency-bound: a rerun over thousands of shards reads them in parallel.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for shard_uris in pool.map(read_uris, self.shard_paths()):
+                uris.update(shard_uris)
         return uris
 
     def clear(self) -> None:

@@ -1,0 +1,128 @@
+"""Pipeline overhead: `pipeline.run` on local Ray vs a bare loop over the generator, same images.
+
+    python bench/pipeline_bench.py --images 16 --cpus 2
+
+Both sides read the same files, decode them with `pipeline.decode.decode_image`, and run
+`sam_core.AutomaticMaskGenerator.generate_batch` in batches of `--batch-size` with the same model
+and parameters; the bare loop uses all `--cpus` torch threads in one process, the pipeline its
+default actor pool on a local Ray with `--cpus` CPUs (one single-threaded actor per CPU). Both
+timings include loading the model. The script checks that both produce the same masks for every
+image and prints the overhead ratio. The default model is the demo's random-weight model
+(`jobs.annotate.demo_checkpoint`); pass `--checkpoint` for real weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_images(directory: Path, count: int) -> list[str]:
+    """`count` distinct JPEGs made from the bundled samples (flipped/cropped variants)."""
+    from PIL import Image
+
+    samples = sorted((REPO / "jobs" / "samples").glob("*.jpg"))
+    paths = []
+    for index in range(count):
+        image = Image.open(samples[index % len(samples)]).convert("RGB")
+        variant = index // len(samples)
+        if variant % 2:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        shrink = 4 * (variant // 2)
+        image = image.crop((shrink, shrink, image.width - shrink, image.height - shrink))
+        path = directory / f"img_{index:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def bare_loop(paths: list[str], config, threads: int) -> tuple[float, dict]:
+    """Read, decode and generate in one process; returns (seconds, {path: [rle counts]})."""
+    import torch
+
+    from pipeline.annotate import make_generator
+    from pipeline.decode import decode_image
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    generator = make_generator(config, "cpu")
+    masks = {}
+    for first in range(0, len(paths), config.batch_size):
+        chunk = paths[first: first + config.batch_size]
+        images = [decode_image(Path(p).read_bytes(), max_pixels=config.max_pixels) for p in chunk]
+        for path, records in zip(chunk, generator.generate_batch(images)):
+            masks[path] = [r["segmentation"]["counts"] for r in records]
+    return time.perf_counter() - start, masks
+
+
+def pipeline_run(config) -> tuple[float, dict]:
+    import pyarrow.parquet as pq
+
+    from pipeline.run import run
+
+    start = time.perf_counter()
+    run(config, progress=False)
+    seconds = time.perf_counter() - start
+    rows = pq.read_table(config.output, columns=["uri", "masks"]).to_pylist()
+    return seconds, {row["uri"]: [m["segmentation"]["counts"] for m in row["masks"]] for row in rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--points-per-side", type=int, default=4)
+    parser.add_argument("--checkpoint", help="default: the demo's random-weight model")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    import ray
+
+    from jobs.annotate import DEMO_AMG, demo_checkpoint
+    from pipeline.config import AnnotateConfig
+
+    work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    (work / "images").mkdir()
+    paths = make_images(work / "images", args.images)
+    amg = {**DEMO_AMG, "points_per_side": args.points_per_side}
+    config = AnnotateConfig(
+        input=str(work / "images"), output=str(work / "out"), checkpoint=args.checkpoint or str(demo_checkpoint()),
+        batch_size=args.batch_size, **amg,
+    )
+
+    bare_s, bare_masks = bare_loop(paths, config, args.cpus)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    try:
+        pipe_s, pipe_masks = pipeline_run(config)
+    finally:
+        ray.shutdown()
+
+    equal = sum(pipe_masks.get(path) == counts for path, counts in bare_masks.items())
+    figures = {
+        "images": args.images, "cpus": args.cpus, "batch_size": args.batch_size, "amg": amg,
+        "bare_loop_s": round(bare_s, 3), "pipeline_s": round(pipe_s, 3),
+        "bare_img_per_s": round(args.images / bare_s, 3), "pipeline_img_per_s": round(args.images / pipe_s, 3),
+        "overhead": round(pipe_s / bare_s - 1, 4), "images_with_equal_masks": equal,
+        "masks_per_image": round(float(np.mean([len(v) for v in bare_masks.values()])), 2),
+    }
+    print(json.dumps(figures, indent=2))
+    print(f"pipeline/bare time ratio {pipe_s / bare_s:.3f} (overhead {100 * (pipe_s / bare_s - 1):+.1f}%), "
+          f"masks equal on {equal}/{args.images} images")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0 if equal == args.images else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
