@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                     help="larger images become error rows (decompression-bomb guard)")
     io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks")
+    io.add_argument("--multimask", choices=("auto", "always", "never"), default="auto",
+                    help="with --prompts: auto = one mask for boxes, best of 3 for a single click")
     io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight model")
 
     amg = parser.add_argument_group("automatic mask generation (segment-anything's parameters)")

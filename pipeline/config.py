@@ -32,6 +32,7 @@ RESULT_FIELDS = (
     "min_mask_region_area",
     "max_pixels",
     "prompts",
+    "multimask",
 )
 
 
@@ -74,6 +75,7 @@ class AnnotateConfig:
     limit: Optional[int] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     prompts: Optional[str] = None
+    multimask: str = "auto"  # prompted mode: "auto" (as segment-anything advises), "always", "never"
     demo: bool = False
 
     def amg_kwargs(self) -> dict:

@@ -202,7 +202,7 @@ def _check_same_settings(output: Output, config: AnnotateConfig) -> None:
     if not previous:
         return
     current = config.to_public_dict()
-    changed = {k: (previous.get(k), current[k]) for k in RESULT_FIELDS if previous.get(k) != current[k]}
+    changed = {k: (previous[k], current[k]) for k in RESULT_FIELDS if k in previous and previous[k] != current[k]}
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
