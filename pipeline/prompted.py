@@ -46,9 +46,9 @@ from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stabilit
 from sam_core.amg.rle import masks_to_rle, rle_to_coco
 
 MULTIMASK_MODES = ("auto", "always", "never")
-PROMPTS_COLUMN = "prompts_json"
+PROMPTS_COLUMN = "prompts_json"  # carried from the listing to the annotator next to each uri
 # predict_torch upsamples every proposed mask to the full image: bound that tensor (1 GiB of fp32).
-MAX_LOGITS_PER_CHUNK = 2**28  # carried from the listing to the annotator next to each uri
+MAX_LOGITS_PER_CHUNK = 2**28
 
 PROMPT_MASK_FIELDS = [
     pa.field("prompt_index", pa.int32()),
@@ -84,8 +84,8 @@ def segment_prompts(predictor, prompts: list[Prompt], prompts_per_batch: int = 6
         prompts: in original-image pixels, already checked to lie inside the image.
     Returns:
         One generator-style record per prompt, in ``prompts`` order: ``segmentation`` COCO RLE
-        ``{"size": [H, W], "counts": str}``, ``area``, ``bbox`` XYWH, ``predicted_iou``, ``stability_score``, ``point_coords``,
-        ``crop_box`` XYWH, and ``prompt`` (the source Prompt).
+        ``{"size": [H, W], "counts": str}``, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+        ``stability_score``, ``point_coords``, ``crop_box`` XYWH, and ``prompt`` (the source Prompt).
     """
     groups: dict[tuple, list[Prompt]] = defaultdict(list)
     for prompt in prompts:
@@ -193,11 +193,11 @@ def same_image_key(uri: str) -> str:
 
 
 def missing_image_rows(prompts_by_uri: dict[str, ImagePrompts], listed_uris) -> list[dict]:
-    """Error rows for prompted URIs that ``--input`` does not list (URIs must match exactly)."""
+    """Error rows for prompted URIs that ``--input`` does not list (see ``same_image_key``)."""
     listed = {same_image_key(uri) for uri in listed_uris}
     return [
         schema.error_row(uri, f"prompts given for an image that is not in --input ({len(listed)} images "
-                              f"listed; URIs must match exactly, scheme included)")
+                              f"listed; URIs must match exactly, scheme included, file:// optional)")
         for uri in prompts_by_uri
         if same_image_key(uri) not in listed
     ]
