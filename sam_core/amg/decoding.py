@@ -27,7 +27,9 @@ def decode_points(
         image_embeddings=features,
         image_pe=model.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
+        # With no mask prompt the dense embedding is the same for every prompt: pass it once and
+        # let it broadcast, rather than adding B copies to the image embedding.
+        dense_prompt_embeddings=dense[:1],
         multimask_output=True,
     )
     return low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
