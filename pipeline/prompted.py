@@ -225,11 +225,15 @@ def select_inputs(config, listed: list[str], written: set[str]) -> tuple[list[st
 
     Only images that have prompts are annotated, in listing order, under their listed URI; images
     in ``--input`` without prompts are not processed. Prompts for URIs that ``--input`` does not list
-    become error rows. URIs already in the output (resume) are left out of both.
+    become error rows, except under ``--limit``: a truncated listing cannot tell a missing image from
+    one past the limit, and an error row would stop a later full run from annotating it. URIs already
+    in the output (resume) are left out of both.
     """
     prompts = load_prompts(config)
     prompted_keys = {same_image_key(uri) for uri in prompts}
     todo = [uri for uri in listed if same_image_key(uri) in prompted_keys and uri not in written]
+    if config.limit is not None:
+        return todo, []
     errors = [row for row in missing_image_rows(prompts, listed) if row["uri"] not in written]
     return todo, errors
 

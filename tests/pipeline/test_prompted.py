@@ -87,6 +87,24 @@ def test_multimask_rule_follows_the_reference_advice():
         wants_multimask(box, "sometimes")
 
 
+def test_select_inputs_keeps_listing_order_skips_written_and_respects_limit(tmp_path):
+    from pipeline.config import AnnotateConfig
+    from pipeline.prompted import select_inputs
+
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"uri": ["s3://b/c.jpg", "s3://b/a.jpg", "s3://b/gone.jpg", "s3://b/d.jpg"],
+                             "boxes": [[[0.0, 0.0, 1.0, 1.0]]] * 4}), table)
+    listed = ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg", "s3://b/d.jpg"]
+    config = AnnotateConfig(input="s3://b/", output="o", checkpoint="c", prompts=str(table))
+    todo, errors = select_inputs(config, listed, written={"s3://b/d.jpg"})
+    assert todo == ["s3://b/a.jpg", "s3://b/c.jpg"]  # b.jpg has no prompts, d.jpg is done
+    assert [row["uri"] for row in errors] == ["s3://b/gone.jpg"]
+    assert select_inputs(config, listed, written={"s3://b/gone.jpg"})[1] == []
+    # under --limit the listing is cut short: an unlisted image may just be past the limit
+    limited = AnnotateConfig(input="s3://b/", output="o", checkpoint="c", prompts=str(table), limit=2)
+    assert select_inputs(limited, listed[:2], written=set()) == (["s3://b/a.jpg"], [])
+
+
 def test_chunks_bound_the_full_resolution_logits():
     assert prompts_per_chunk(64, 3, 1000, 1000, max_logits=10 * 3 * 1000 * 1000) == 10
     assert prompts_per_chunk(64, 1, 100, 100, max_logits=10**9) == 64
