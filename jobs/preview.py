@@ -5,8 +5,8 @@
 For the first ``n`` ok rows, the source image is re-read from its ``uri`` (EXIF orientation applied,
 so it lines up with the masks), every mask is painted in its own colour at 50% opacity with its
 outline and box, largest first so that small masks stay visible, and the result is written as
-``<output>/<k>_<sha256(uri)[:20]>.png`` at the image's own size. Prompted runs also draw the
-prompt's label.
+``<output>/<k>_<sha256(uri)[:20]>.png`` at the image's own size. Prompted runs also draw each
+mask's prompt: its box in white, its clicks as green (foreground) or red (background) dots, its label.
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from pipeline.decode import decode_image
 from pipeline.redact import redact_text
 
 OVERLAY_ALPHA = 0.5
+PROMPT_COLOR = (255, 255, 255)
+FOREGROUND_CLICK = (0, 255, 0)
+BACKGROUND_CLICK = (255, 0, 0)
+CLICK_RADIUS = 3
 
 
 def mask_color(index: int) -> tuple[int, int, int]:
@@ -64,10 +68,24 @@ def render_overlay(image: np.ndarray, masks: list[dict]) -> np.ndarray:
     for rank, i in enumerate(order):
         x, y, w, h = masks[i]["bbox"]
         draw.rectangle([x, y, x + w, y + h], outline=tuple(int(c) for c in colors[rank]))
-        label = masks[i].get("prompt_label")
-        if label:
-            draw.text((x + 2, y + 1), str(label), fill=(255, 255, 255))
+    for mask in masks:  # prompts last, so that no mask hides them
+        _draw_prompt(draw, mask)
     return np.asarray(result)
+
+
+def _draw_prompt(draw: ImageDraw.ImageDraw, mask: dict) -> None:
+    """A prompted mask's source: its box in white, its clicks as dots, its label at the top left."""
+    box = mask.get("prompt_box")
+    if box:
+        draw.rectangle(list(box), outline=PROMPT_COLOR)
+    clicks = mask.get("prompt_points") or []
+    for (x, y), label in zip(clicks, mask.get("prompt_point_labels") or [1] * len(clicks)):
+        r = CLICK_RADIUS
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=FOREGROUND_CLICK if label == 1 else BACKGROUND_CLICK,
+                     outline=PROMPT_COLOR)
+    if mask.get("prompt_label"):
+        x, y = (box[0], box[1]) if box else mask["bbox"][:2]
+        draw.text((x + 2, y + 1), str(mask["prompt_label"]), fill=PROMPT_COLOR)
 
 
 def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:

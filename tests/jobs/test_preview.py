@@ -3,7 +3,8 @@ import numpy as np
 from PIL import Image
 
 from jobs import preview
-from tests.jobs.annotated_output import write_annotated_output
+from pipeline import schema
+from tests.jobs.annotated_output import mask_record, write_annotated_output
 from tests.sam_factory import real_photos
 
 
@@ -42,3 +43,18 @@ def test_n_limits_the_number_of_previews(tmp_path):
     output = write_annotated_output(tmp_path)
     written = preview.write_previews(str(output["output"]), str(tmp_path / "p"), n=1)
     assert len(written) == 1
+
+
+def test_prompted_masks_show_their_box_clicks_and_label():
+    image = np.full((60, 80, 3), 100, np.uint8)
+    mask = np.zeros((60, 80), bool)
+    mask[10:40, 20:60] = True
+    (record,) = schema.ok_row("u", 80, 60, [mask_record(mask, 0.9)], "x")["masks"]
+    record.update(prompt_box=[15.0, 5.0, 65.0, 45.0], prompt_points=[[30.0, 20.0], [50.0, 30.0]],
+                  prompt_point_labels=[1, 0], prompt_label="cup")
+    rendered = preview.render_overlay(image, [record])
+    assert tuple(rendered[20, 30]) == preview.FOREGROUND_CLICK
+    assert tuple(rendered[30, 50]) == preview.BACKGROUND_CLICK
+    assert tuple(rendered[45, 40]) == preview.PROMPT_COLOR  # bottom edge of the prompt box
+    plain = preview.render_overlay(image, [{k: v for k, v in record.items() if k != "prompt_label"}])
+    assert np.any(rendered[5:20, 15:40] != plain[5:20, 15:40])  # the label text
