@@ -3,7 +3,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline import schema
 from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_rows, prompted_row, prompts_per_chunk,
