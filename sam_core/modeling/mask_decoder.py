@@ -94,17 +94,19 @@ class MaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
 
-        src = image_embeddings + dense_prompt_embeddings  # broadcasts a shared image over prompts
-        if src.shape[0] != batch:
-            src = src.expand(batch, -1, -1, -1)
-        pos_src = image_pe.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
+        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+            # The no-mask embedding expanded over the batch: one row stands for all.
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
+        # Batch 1 when the image and dense prompt are shared by all prompts: the transformer then
+        # computes the first layer's image-side projections once (see TwoWayTransformer).
+        src = image_embeddings + dense_prompt_embeddings
+        _, c, h, w = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens, attention_similarity, target_embedding)
+        hs, src = self.transformer(src, image_pe, tokens, attention_similarity, target_embedding)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(batch, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (B, num_mask_tokens, C/8)

@@ -39,10 +39,13 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
+        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C). Any of them may have batch 1 and is then
+        projected once and shared by the whole batch."""
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
+        batch = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
         if attention_bias is not None:
             attention_bias = attention_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
@@ -115,8 +118,11 @@ class TwoWayTransformer(nn.Module):
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding and image_pe (B, C, h, w), point_embedding (B, T, C)
+        """image_embedding and image_pe (B or 1, C, h, w), point_embedding (B, T, C)
         -> (tokens (B, T, C), image tokens (B, h*w, C)).
+
+        An image batch of 1 is shared by all B prompts until the first image update, so the
+        first layer projects the image tokens once instead of B times (same result).
 
         PerSAM inputs, as the Hugging Face model takes them: ``attention_similarity`` is added to
         the token->image logits of every layer; ``target_embedding`` (broadcast to (B, T, C)) is
@@ -135,4 +141,4 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, query_pe, key_pe, attention_similarity)
         q, k = queries + query_pe, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
-        return queries, keys
+        return queries, keys.expand(queries.shape[0], -1, -1)
