@@ -248,10 +248,9 @@ def with_prompts(block: pa.Table, config) -> pa.Table:
 def annotate_stage(config) -> tuple[type, dict]:
     """The prompted annotate stage for ``pipeline.run``: (actor class, constructor kwargs).
 
-    ``config.multimask`` ("auto", "always", "never") overrides the multimask choice; "auto" when the
-    config has no such field.
+    ``config.multimask`` (``--multimask``: "auto", "always", "never") picks the multimask choice.
     """
-    return PromptedAnnotator, {"config": config.to_dict(), "multimask": getattr(config, "multimask", None) or "auto"}
+    return PromptedAnnotator, {"config": config.to_dict(), "multimask": config.multimask}
 
 
 class PromptedAnnotator:

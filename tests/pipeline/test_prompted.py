@@ -104,6 +104,17 @@ def test_select_inputs_keeps_listing_order_skips_written_and_respects_limit(tmp_
     assert select_inputs(limited, listed[:2], written=set()) == (["s3://b/a.jpg"], [])
 
 
+def test_multimask_option_reaches_the_prompted_actor():
+    from jobs.annotate import build_parser, config_from_args
+    from pipeline.prompted import PromptedAnnotator
+    from pipeline.run import annotate_stage
+
+    args = build_parser().parse_args(["--input", "i", "--output", "o", "--checkpoint", "c",
+                                      "--prompts", "p.parquet", "--multimask", "never"])
+    actor_class, kwargs = annotate_stage(config_from_args(args))
+    assert actor_class is PromptedAnnotator and kwargs["multimask"] == "never"
+
+
 def test_chunks_bound_the_full_resolution_logits():
     assert prompts_per_chunk(64, 3, 1000, 1000, max_logits=10 * 3 * 1000 * 1000) == 10
     assert prompts_per_chunk(64, 1, 100, 100, max_logits=10**9) == 64
