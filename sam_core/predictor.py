@@ -125,9 +125,10 @@ class SamPredictor:
             coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_torch = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
-            box_torch = torch.as_tensor(
-                self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device
-            )[:1]
+            boxes = self.transform.apply_boxes(box, self.original_size)
+            if boxes.shape[0] != 1:
+                raise ValueError(f"predict takes one box, got {boxes.shape[0]}; use predict_torch for many")
+            box_torch = torch.as_tensor(boxes, dtype=torch.float, device=self.device)
         if mask_input is not None:
             mask_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
         masks, iou, low_res = self.predict_torch(

@@ -155,6 +155,8 @@ def test_errors_before_an_image_and_on_bad_input(predictors):
     ours.set_image(PHOTOS[0])
     with pytest.raises(ValueError, match="point_labels"):
         ours.predict(point_coords=np.array([[1, 1]]))
+    with pytest.raises(ValueError, match="one box"):
+        ours.predict(box=np.array([[1, 1, 5, 5], [2, 2, 6, 6]]))
     assert ours.is_image_set and ours.device == torch.device("cpu")
 
 
