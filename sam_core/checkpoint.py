@@ -275,7 +275,8 @@ def _has_tensors(d: Mapping) -> bool:
 
 
 def _looks_hf(state_dict: Mapping) -> bool:
-    return not any(k.startswith("image_encoder.") for k in state_dict)
+    """transformers' SamModel names its image encoder ``vision_encoder``; Meta's ``image_encoder``."""
+    return any(k.startswith("vision_encoder.") for k in state_dict)
 
 
 def _from_hf(fs, config_path: str, hf_state_dict: dict, shown: str) -> tuple[SamConfig, dict]:

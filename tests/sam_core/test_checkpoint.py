@@ -153,11 +153,17 @@ def test_truncated_safetensors(reference, tmp_path):
 
 def test_another_models_weights(tmp_path):
     import torchvision
+    from safetensors.torch import save_file
 
+    resnet = torchvision.models.resnet18().state_dict()
     path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
+    torch.save(resnet, path)
     with pytest.raises(CheckpointError, match=r"not a SAM checkpoint.*'image_encoder.patch_embed.proj.weight'.*'bn1"):
         load_sam(path)
+    as_safetensors = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in resnet.items()}, str(as_safetensors))
+    with pytest.raises(CheckpointError, match=r"not a SAM checkpoint.*'bn1"):
+        load_sam(as_safetensors)
 
 
 @pytest.mark.parametrize("content, match", [
