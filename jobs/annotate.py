@@ -152,9 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.run import run
     from sam_core import CheckpointError
 
-    init_ray(args.ray_address)
     try:
-        summary = run(config, progress=not args.no_progress)
+        summary = run(config, progress=not args.no_progress, connect=lambda: init_ray(args.ray_address))
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
         from pipeline.redact import redact_text
 

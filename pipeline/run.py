@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,11 +119,18 @@ def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple
     )
 
 
-def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[type, dict]] = None) -> RunSummary:
+def run(
+    config: AnnotateConfig,
+    *,
+    progress: bool = True,
+    stage: Optional[Tuple[type, dict]] = None,
+    connect: Optional[Callable[[], None]] = None,
+) -> RunSummary:
     """Annotate every input of ``config`` that has no row in the output yet.
 
     `stage` replaces the annotate stage's (actor class, constructor kwargs); None picks it
-    from the config (`annotate_stage`).
+    from the config (`annotate_stage`). `connect` starts or joins Ray, and is called only when
+    there is work: a rerun of a completed output never waits for Ray to start.
     """
     started, clock = _now(), time.perf_counter()
     output = Output(config.output, config.storage_options)
@@ -147,6 +154,8 @@ def run(config: AnnotateConfig, *, progress: bool = True, stage: Optional[Tuple[
         output.mark_incomplete()
         output.write_manifest(manifest)
         try:
+            if connect is not None:
+                connect()
             if progress:  # ours counts rows as they are written; read before the Dataset exists
                 import ray
 
