@@ -126,7 +126,10 @@ def test_resume_rerun_new_inputs_and_overwrite(ray_session, s3, checkpoint):
     assert (resumed.processed, resumed.already_written) == (1, 2)
     shards = shard_names(s3, config.output)
 
-    rerun = run(config, progress=False)  # complete: no work, no new shard
+    def no_ray_needed():
+        raise AssertionError("a rerun with nothing to do must not start Ray")
+
+    rerun = run(config, progress=False, connect=no_ray_needed)  # complete: no work, no new shard
     assert (rerun.processed, rerun.already_written) == (0, 3)
     assert shard_names(s3, config.output) == shards
 
