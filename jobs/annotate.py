@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale = parser.add_argument_group("scaling")
     scale.add_argument("--num-actors", type=int, help="annotator actors; default one per GPU, else one per CPU")
     scale.add_argument("--gpus-per-actor", type=float, help="default 1 on a GPU cluster, 0 otherwise")
+    scale.add_argument("--fast", action="store_true",
+                       help="bfloat16 autocast on GPU actors: faster, near-identical masks (ignored on CPU)")
     scale.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per encoder batch")
     scale.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard, help="rows per Parquet file")
     scale.add_argument("--ray-address", help="Ray cluster to join; default RAY_ADDRESS or a local Ray")

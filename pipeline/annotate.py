@@ -51,7 +51,13 @@ def make_generator(config: AnnotateConfig, device: str):
     """The production generator: our SAM with the run's AMG parameters, COCO RLE out."""
     from sam_core import AutomaticMaskGenerator
 
-    return AutomaticMaskGenerator(load_model(config, device), output_mode="coco_rle", **config.amg_kwargs())
+    return AutomaticMaskGenerator(
+        load_model(config, device),
+        output_mode="coco_rle",
+        fast=config.fast and device != "cpu",  # bfloat16 autocast is slow on CPUs
+        encoder_batch_size=config.batch_size,
+        **config.amg_kwargs(),
+    )
 
 
 def checkpoint_sha256(config: AnnotateConfig) -> str:

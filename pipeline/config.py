@@ -19,6 +19,7 @@ from pipeline.redact import redact_mapping
 RESULT_FIELDS = (
     "checkpoint",
     "model_type",
+    "fast",
     "points_per_side",
     "points_per_batch",
     "pred_iou_thresh",
@@ -62,6 +63,9 @@ class AnnotateConfig:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
+
+    # bfloat16 autocast in the generator, on GPU actors only (faster, near-identical masks).
+    fast: bool = False
 
     # Scaling knobs.
     num_actors: Optional[int] = None

@@ -13,7 +13,7 @@ def parse(*argv):
 def test_every_option_reaches_the_config():
     config = parse(
         "--input", "s3://b/in/", "--output", "s3://b/out/", "--checkpoint", "s3://b/m.pth",
-        "--checkpoint-sha256", "ab" * 32, "--model-type", "vit_b",
+        "--checkpoint-sha256", "ab" * 32, "--model-type", "vit_b", "--fast",
         "--points-per-side", "16", "--points-per-batch", "32", "--pred-iou-thresh", "0.5",
         "--stability-score-thresh", "0.6", "--stability-score-offset", "2", "--box-nms-thresh", "0.4",
         "--crop-n-layers", "1", "--crop-nms-thresh", "0.3", "--crop-overlap-ratio", "0.25",
@@ -23,7 +23,7 @@ def test_every_option_reaches_the_config():
         "--overwrite", "--limit", "10", "--max-pixels", "1000",
     )
     assert (config.input, config.output, config.checkpoint) == ("s3://b/in/", "s3://b/out/", "s3://b/m.pth")
-    assert (config.checkpoint_sha256, config.model_type) == ("ab" * 32, "vit_b")
+    assert (config.checkpoint_sha256, config.model_type, config.fast) == ("ab" * 32, "vit_b", True)
     assert config.amg_kwargs() == dict(
         points_per_side=16, points_per_batch=32, pred_iou_thresh=0.5, stability_score_thresh=0.6,
         stability_score_offset=2.0, box_nms_thresh=0.4, crop_n_layers=1, crop_nms_thresh=0.3,
