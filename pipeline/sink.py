@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SHARD_PATTERN = re.compile(r"^part-(\d{4,})-(\d{6,})\.parquet$")
+TEMPORARY_PATTERN = re.compile(r"^\.part-\d{4,}-\d{6,}\.parquet\.[0-9a-f]+\.tmp$")
 RUN_MANIFEST = "_run.json"
 RUN_HISTORY_DIR = "_runs"
 COMPLETION_MARKER = "_SUCCESS"
@@ -81,13 +82,20 @@ class Output:
 
     def clear(self) -> None:
         """Remove what our runs wrote (shards, manifests, marker) and nothing else (--overwrite)."""
-        for shard in self.shard_paths():
+        for shard in self.shard_paths() + self._stale_temporaries():
             self.fs.rm(shard)
         for name in (RUN_MANIFEST, COMPLETION_MARKER):
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name))
         if self.fs.exists(self.path(RUN_HISTORY_DIR)):
             self.fs.rm(self.path(RUN_HISTORY_DIR), recursive=True)
+
+    def _stale_temporaries(self) -> List[str]:
+        """Hidden half-written local shards of a killed run (readers skip them; --overwrite removes them)."""
+        if not self.fs.exists(self.root):
+            return []
+        names = [posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)]
+        return [self.path(name) for name in names if TEMPORARY_PATTERN.match(name)]
 
     def read_manifest(self) -> Optional[dict]:
         if not self.fs.exists(self.path(RUN_MANIFEST)):

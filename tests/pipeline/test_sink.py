@@ -60,6 +60,7 @@ def test_run_history_counts_towards_the_next_index(tmp_path):
 def test_completion_marker_and_clear_remove_only_our_files(tmp_path):
     output = Output(str(tmp_path))
     (tmp_path / "keep-me.txt").write_text("user data")
+    (tmp_path / ".part-0001-000007.parquet.0123abcd.tmp").write_bytes(b"half a shard from a killed run")
     write_run(output, ["a"], rows_per_shard=10)
     manifest = {"run_index": 1, "config": {}, "end_time": "t", "totals": {"rows": 1}}
     output.write_manifest(manifest)
