@@ -12,6 +12,7 @@ then find the endpoint and credentials the way they would on a cluster, from the
 """
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,10 +27,22 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    """A free port whose +10000 twin is free too: SeaweedFS puts its gRPC port there by default."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 40000)
+        if _port_is_free(port) and _port_is_free(port + 10000):
+            return port
 
 
 S3_PORT = _free_port()
