@@ -143,8 +143,9 @@ def _locate(source, storage_options: Mapping, shown: str) -> tuple[_Weights, Opt
     """Find the weights file and, if present, the HF config.json that describes it."""
     try:
         fs, path = fsspec.core.url_to_fs(str(source), **storage_options)
-        is_dir = fs.isdir(path)
-        if is_dir:
+        # isfile first: over HTTP every URL is "also a directory" and isdir would fetch the body.
+        is_file = fs.isfile(path)
+        if not is_file and fs.isdir(path):
             weights_path = posixpath.join(path, HF_WEIGHTS_NAME)
             config_path = posixpath.join(path, HF_CONFIG_NAME)
             if not fs.isfile(weights_path):
@@ -155,7 +156,7 @@ def _locate(source, storage_options: Mapping, shown: str) -> tuple[_Weights, Opt
             if not fs.isfile(config_path):
                 raise CheckpointError(f"{shown} has {HF_WEIGHTS_NAME} but no {HF_CONFIG_NAME}")
         else:
-            if not fs.isfile(path):
+            if not is_file:
                 raise CheckpointError(f"checkpoint not found: {shown}")
             weights_path = path
             sibling = posixpath.join(posixpath.dirname(path), HF_CONFIG_NAME)

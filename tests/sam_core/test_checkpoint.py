@@ -288,3 +288,45 @@ def test_official_checkpoint_from_s3(s3, reference, checkpoint):
         assert "not-the-secret-42" not in str(error.value) and s3.secret_key not in str(error.value)
     finally:
         fs.rm("models/test-checkpoint", recursive=True)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server (stdlib) serving ``tmp_path`` on loopback; yields (root dir, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_official_checkpoint_over_http(http_root, reference, checkpoint):
+    root, base = http_root
+    shutil.copy(checkpoint, root / "sam.pth")
+    (root / "partial.pth").write_bytes(checkpoint.read_bytes()[:3000])
+    _assert_same_weights(load_sam(f"{base}/sam.pth"), reference.state_dict())
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_sam(f"{base}/partial.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_sam(f"{base}/missing.pth")
+
+
+def test_hf_safetensors_over_http_finds_its_config(http_root, reference):
+    """As with Hub URLs (``.../resolve/main/model.safetensors``): config.json is fetched beside it."""
+    from sam_core.hf_format import save_hf_pretrained
+
+    root, base = http_root
+    save_hf_pretrained(reference, tiny_config(), str(root / "repo"))
+    _assert_same_weights(load_sam(f"{base}/repo/model.safetensors"), reference.state_dict())
