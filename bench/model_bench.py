@@ -86,7 +86,8 @@ def main() -> None:
         t_ref, emb_ref = best_time(lambda: reference.image_encoder(batch), args.repeat, args.device)
         t_ours, emb = best_time(lambda: ours.image_encoder(batch), args.repeat, args.device)
         err = check("encoder", emb, emb_ref, 1e-3)
-        print(f"encoder  reference {t_ref:8.3f}s  ours {t_ours:8.3f}s  speedup x{t_ref / t_ours:5.2f}  max|diff| {err:.2e}")
+        print(f"encoder  reference {t_ref:8.3f}s  ours {t_ours:8.3f}s  speedup x{t_ref / t_ours:5.2f}  "
+              f"max|diff| {err:.2e}")
         if ours_bf16 is not None:
             t_bf, emb_bf = best_time(lambda: ours_bf16.image_encoder(batch.to(torch.bfloat16)), args.repeat,
                                      args.device)

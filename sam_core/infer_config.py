@@ -70,7 +70,9 @@ def _vision_config(sd: Mapping) -> SamVisionConfig:
     global_layers = tuple(i for i, n in enumerate(rel_lengths) if n == global_length)
     window_lengths = {n for n in rel_lengths if n != global_length}
     if len(window_lengths) > 1:
-        raise ShapeInferenceError(f"windowed blocks disagree on the window size: rel_pos lengths {sorted(window_lengths)}")
+        raise ShapeInferenceError(
+            f"windowed blocks disagree on the window size: rel_pos lengths {sorted(window_lengths)}"
+        )
     window = (window_lengths.pop() + 1) // 2 if window_lengths else 0
 
     mlp_dims = {_shape(sd, f"image_encoder.blocks.{i}.mlp.lin1.weight")[0] for i in range(depth)}

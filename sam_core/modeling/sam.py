@@ -83,9 +83,11 @@ class Sam(nn.Module):
                 embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
             )
             masks = self.postprocess_masks(low_res.float(), record["image"].shape[-2:], record["original_size"])
-            outputs.append(
-                {"masks": masks > self.mask_threshold, "iou_predictions": iou.float(), "low_res_logits": low_res.float()}
-            )
+            outputs.append({
+                "masks": masks > self.mask_threshold,
+                "iou_predictions": iou.float(),
+                "low_res_logits": low_res.float(),
+            })
         return outputs
 
 

@@ -105,8 +105,8 @@ def test_one_image_embedding_per_prompt_equals_shared_embedding(models):
     logits, iou = ours.mask_decoder(images, ours.prompt_encoder.get_dense_pe(), sparse, dense, True)
     for i in range(3):
         s, d = reference.prompt_encoder((points[0][i : i + 1], points[1][i : i + 1]), None, None)
-        expected_logits, expected_iou = reference.mask_decoder(images[i : i + 1], reference.prompt_encoder.get_dense_pe(),
-                                                               s, d, True)
+        dense_pe = reference.prompt_encoder.get_dense_pe()
+        expected_logits, expected_iou = reference.mask_decoder(images[i : i + 1], dense_pe, s, d, True)
         _close(logits[i : i + 1], expected_logits)
         _close(iou[i : i + 1], expected_iou)
 
