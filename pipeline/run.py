@@ -125,12 +125,14 @@ def run(
     progress: bool = True,
     stage: Optional[Tuple[type, dict]] = None,
     connect: Optional[Callable[[], None]] = None,
+    on_rows: Optional[Callable[[pa.Table], None]] = None,
 ) -> RunSummary:
     """Annotate every input of ``config`` that has no row in the output yet.
 
     `stage` replaces the annotate stage's (actor class, constructor kwargs); None picks it
     from the config (`annotate_stage`). `connect` starts or joins Ray, and is called only when
-    there is work: a rerun of a completed output never waits for Ray to start.
+    there is work: a rerun of a completed output never waits for Ray to start. `on_rows` is
+    called with each table of rows once it is handed to the shard writer (monitoring, benches).
     """
     started, clock = _now(), time.perf_counter()
     output = Output(config.output, config.storage_options)
@@ -161,7 +163,7 @@ def run(
 
                 ray.data.DataContext.get_current().enable_progress_bars = False
             dataset = build_dataset(config, todo, stage) if todo else None
-            _write_rows(dataset, output, summary, config, progress, prompt_errors)
+            _write_rows(dataset, output, summary, config, progress, prompt_errors, on_rows)
         except BaseException as exc:
             summary.seconds = time.perf_counter() - clock
             output.write_manifest(_finish(manifest, summary, "failed", error=f"{type(exc).__name__}: {exc}"))
@@ -176,7 +178,7 @@ def run(
 
 
 def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateConfig, progress: bool,
-                first_rows: Sequence[dict] = ()) -> None:
+                first_rows: Sequence[dict] = (), on_rows: Optional[Callable[[pa.Table], None]] = None) -> None:
     row_schema = schema.OUTPUT_SCHEMA
     if config.prompts:
         from pipeline.prompted import PROMPTED_OUTPUT_SCHEMA as row_schema
@@ -194,6 +196,8 @@ def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateCo
             summary.masks += pc.sum(table["num_masks"]).as_py() or 0
             bar.update(table.num_rows)
             bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks, refresh=False)
+            if on_rows is not None:
+                on_rows(table)
     finally:  # rows already received are kept even when the run stops: a rerun skips them
         bar.close()
         writer.close()
