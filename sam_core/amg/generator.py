@@ -19,7 +19,13 @@ import torch
 
 from sam_core.amg.candidates import MaskCandidates
 from sam_core.amg.cleanup import clean_small_regions
-from sam_core.amg.decoding import decode_points, upscale_chunk_size, upscale_logits, uncrop_masks
+from sam_core.amg.decoding import (
+    decode_points,
+    decoder_batch_size,
+    uncrop_masks,
+    upscale_chunk_size,
+    upscale_logits,
+)
 from sam_core.amg.filters import (
     box_area,
     box_xyxy_to_xywh,
@@ -42,6 +48,8 @@ class AutomaticMaskGenerator:
     (see its documentation); extras, keyword-only:
         fast: run the encoder and decoder under bfloat16 autocast (faster, near-identical masks).
         encoder_batch_size: how many images/crops the encoder takes at once in ``generate_batch``.
+        decoder_batch_size: prompts per decoder call within each ``points_per_batch`` batch
+            (default: ``points_per_batch`` on accelerators, a cache-sized count on CPU).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class AutomaticMaskGenerator:
         *,
         fast: bool = False,
         encoder_batch_size: int = 4,
+        decoder_batch_size: Optional[int] = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
@@ -89,6 +98,7 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
         self.fast = fast
         self.encoder_batch_size = max(1, int(encoder_batch_size))
+        self.decoder_batch_size = decoder_batch_size
 
     @property
     def model(self):
@@ -193,8 +203,15 @@ class AutomaticMaskGenerator:
         coords = torch.as_tensor(
             self.predictor.transform.apply_coords(points, crop_size), device=self.predictor.device
         )
+        step = self.decoder_batch_size or decoder_batch_size(self.model, coords.device, len(coords))
         with self._autocast():
-            low_res, iou_preds = decode_points(self.model, embedding.features, coords)
+            decoded = [
+                decode_points(self.model, embedding.features, coords[start : start + step])
+                for start in range(0, len(coords), step)
+            ]
+        low_res = torch.cat([logits for logits, _ in decoded])
+        iou_preds = torch.cat([iou for _, iou in decoded])
+        del decoded
         points = np.repeat(points, 3, axis=0)  # three masks per prompt
 
         if self.pred_iou_thresh > 0.0:
@@ -233,5 +250,5 @@ class AutomaticMaskGenerator:
             points=points[keep_index.cpu().numpy()],
             boxes=boxes.cpu(),
             crop_boxes=torch.zeros(len(boxes), 4, dtype=torch.int64),
-            rles=masks_to_rle(uncrop_masks(masks, crop_box, image_size).cpu()),
+            rles=masks_to_rle(uncrop_masks(masks, crop_box, image_size)),  # change points found on-device
         )

@@ -59,3 +59,18 @@ def test_fast_path_stays_close_to_fp32(model, photo):
     assert len(fast) == len(exact) > 0
     assert matched_fraction(exact, fast, min_iou=0.9, iou_pred_atol=None, stability_atol=None, same_box=False) >= 0.9
     assert not torch.is_autocast_enabled("cpu")  # the context does not leak
+
+
+def test_decoder_sub_batches_change_nothing(model, photo):
+    from sam_core import build_sam, SamConfig
+    from sam_core.amg.decoding import decoder_batch_size
+
+    kwargs = dict(points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    whole = AutomaticMaskGenerator(model, **kwargs).generate(photo)
+    split = AutomaticMaskGenerator(model, decoder_batch_size=3, **kwargs).generate(photo)
+    assert len(split) == len(whole) == 75
+    assert matched_fraction(whole, split, iou_pred_atol=1e-5, stability_atol=1e-3) == 1.0
+    # ViT-B on a CPU: (prompts, 64*64, 256) fp32 kept near 16 MiB -> 4 prompts per call
+    vit_b = build_sam(SamConfig.preset("vit_b"))
+    assert decoder_batch_size(vit_b, torch.device("cpu"), 64) == 4
+    assert decoder_batch_size(vit_b, torch.device("cuda"), 64) == 64
