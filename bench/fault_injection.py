@@ -6,6 +6,8 @@ photos and a tiny random-weight SAM checkpoint, then runs the CLI under each fau
 - ``s3-restart``: the S3 server is stopped once the first shard is written and restarted
   ``--outage-s`` seconds later. Reads are retried with backoff; the run completes, or stops
   with an error and a rerun of the same command completes it.
+- ``s3-down-reads``: the S3 server is stopped as soon as the run's "running" manifest is
+  written (reads about to start), for ``--outage-s`` seconds; then as ``s3-restart``.
 - ``actor-kill``: one annotator actor process is SIGKILLed mid-run (found among the job's own
   descendants by its Ray process title). Ray restarts it and retries its batch.
 - ``driver-kill``: the driver is SIGKILLed after the first shard, then the command is rerun.
@@ -252,6 +254,37 @@ def scenario_s3_restart(server: SeaweedFS, job_args, env, inputs, work: Path, ou
     return summarise("s3-restart", inputs, rows, bad, runs, notes)
 
 
+def scenario_s3_down_while_reading(server: SeaweedFS, job_args, env, inputs, work: Path, outage_s: float) -> dict:
+    """S3 goes away as soon as the run has written its 'running' manifest, i.e. as reads start."""
+    fs, output = server.filesystem(), "bench/out-s3-reads/"
+    runs, notes = [], "run ended before S3 could be stopped"
+    job = Job(job_args(output), env, work / "s3-reads-1.log")
+    while job.process.poll() is None:
+        try:
+            fs.invalidate_cache()
+            if fs.exists(output + "_run.json"):
+                break
+        except Exception:
+            pass
+        time.sleep(0.1)
+    if job.process.poll() is None:
+        server.stop()
+        stopped = time.monotonic()
+        time.sleep(outage_s)
+        server.start()
+        notes = f"S3 down for {time.monotonic() - stopped:.1f}s from the start of reading"
+    code = job.wait()
+    runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(2)})
+    attempt = 2
+    while code != 0 and attempt <= 3:
+        job = Job(job_args(output), env, work / f"s3-reads-{attempt}.log")
+        code = job.wait()
+        runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(2)})
+        attempt += 1
+    rows, bad = read_output(fs, output)
+    return summarise("s3-down-reads", inputs, rows, bad, runs, notes)
+
+
 def scenario_actor_kill(server: SeaweedFS, job_args, env, inputs, work: Path) -> dict:
     fs, output = server.filesystem(), "bench/out-actor-kill/"
     job = Job(job_args(output), env, work / "actor-kill.log")
@@ -315,7 +348,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--outage-s", type=float, default=8.0, help="how long S3 stays down")
-    parser.add_argument("--scenarios", default="s3-restart,actor-kill,driver-kill")
+    parser.add_argument("--scenarios", default="s3-restart,s3-down-reads,actor-kill,driver-kill")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -338,6 +371,8 @@ def main() -> int:
             started = time.monotonic()
             if name == "s3-restart":
                 result = scenario_s3_restart(server, job_args, env, inputs, work, args.outage_s)
+            elif name == "s3-down-reads":
+                result = scenario_s3_down_while_reading(server, job_args, env, inputs, work, args.outage_s)
             elif name == "actor-kill":
                 result = scenario_actor_kill(server, job_args, env, inputs, work)
             elif name == "driver-kill":
