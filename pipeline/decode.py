@@ -71,8 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_pixel_count(image.size, max_pixels)
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
+            # Image.open stands on the first frame; asking n_frames would scan every frame.
             image.load()
     except DecodeError:
         raise

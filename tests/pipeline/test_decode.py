@@ -242,3 +242,9 @@ def test_garbage_raises_decode_error_with_a_reason(data, phrase):
     with pytest.raises(DecodeError) as info:
         decode_image(data)
     assert phrase in str(info.value).lower()
+
+
+def test_multi_page_tiff_gives_first_page():
+    pages = [Image.new("RGB", (9, 6), colour) for colour in ((0, 200, 0), (200, 0, 0))]
+    decoded = decode_image(encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
+    assert decoded.shape == (6, 9, 3) and tuple(decoded[0, 0]) == (0, 200, 0)
