@@ -248,3 +248,15 @@ def test_multi_page_tiff_gives_first_page():
     pages = [Image.new("RGB", (9, 6), colour) for colour in ((0, 200, 0), (200, 0, 0))]
     decoded = decode_image(encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
     assert decoded.shape == (6, 9, 3) and tuple(decoded[0, 0]) == (0, 200, 0)
+
+
+def test_bundled_demo_samples_are_small_real_photos_that_decode():
+    from pathlib import Path
+
+    samples = sorted((Path(__file__).resolve().parents[2] / "jobs" / "samples").glob("*.jpg"))
+    assert 3 <= len(samples) <= 4
+    assert sum(p.stat().st_size for p in samples) < 300 * 1024
+    for path in samples:
+        image = decode_image(path.read_bytes())
+        assert max(image.shape[:2]) <= 512
+        assert image.std() > 20  # a photo, not a flat placeholder
