@@ -223,3 +223,53 @@ def test_overwrite_with_a_model_that_cannot_load_keeps_the_existing_output(ray_s
         run(config_for(tmp_path, checkpoint=broken, overwrite=True), progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert len(read_rows(tmp_path / "out")) == len(inputs)
+
+
+# --- pipeline.retry: the backoff helper for object-store calls -------------------------------
+
+class Flaky:
+    """Fails with ``error`` for the first ``failures`` calls, then returns "done"."""
+
+    def __init__(self, failures: int, error: BaseException):
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "done"
+
+
+def test_transient_errors_are_retried_with_growing_backoff():
+    from pipeline.retry import with_retries
+
+    slept = []
+    call = Flaky(3, ConnectionError("Could not connect to the endpoint URL"))
+    assert with_retries(call, what="writing a shard", attempts=5, first_backoff_s=0.5, sleep=slept.append) == "done"
+    assert call.calls == 4 and slept == [0.5, 1.0, 2.0]
+
+
+def test_permanent_errors_are_raised_at_once():
+    from pipeline.retry import with_retries
+
+    slept = []
+    call = Flaky(1, FileNotFoundError("s3://bucket/gone.jpg"))
+    with pytest.raises(FileNotFoundError):
+        with_retries(call, what="reading", sleep=slept.append)
+    assert call.calls == 1 and slept == []
+
+
+def test_exhausted_retries_say_what_failed_without_credentials(monkeypatch):
+    from pipeline.retry import RetriesExhausted, with_retries
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "retry-test-secret-value")
+    slept = []
+    call = Flaky(10, OSError("503 Slow Down for key retry-test-secret-value"))
+    with pytest.raises(RetriesExhausted) as info:
+        with_retries(call, what="writing s3://out/part-0001-000000.parquet", attempts=4,
+                     first_backoff_s=1.0, max_backoff_s=2.0, sleep=slept.append)
+    message = str(info.value)
+    assert call.calls == 4 and slept == [1.0, 2.0, 2.0]
+    assert "part-0001-000000.parquet" in message and "failed 4 times" in message and "503" in message
+    assert "retry-test-secret-value" not in message
+    assert isinstance(info.value.__cause__, OSError)
