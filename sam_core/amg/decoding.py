@@ -7,6 +7,7 @@ filter does not depend on the mask pixels, so skipping the others changes nothin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def decode_points(
@@ -60,8 +61,25 @@ def upscale_chunk_size(input_side: int, image_size: tuple[int, int], budget_byte
 
 
 def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
-    """(N, 4G, 4G) low-res logits -> (N, H, W) float32 logits, exactly the model's postprocessing."""
-    return model.postprocess_masks(low_res[:, None], input_size, image_size)[:, 0]
+    """(N, 4G, 4G) low-res logits -> (N, H, W) float32 logits, bit-identical to
+    ``model.postprocess_masks`` (upscale to the padded square input, crop the padding, resize).
+
+    The padding is cropped away anyway, so only the low-res rows and columns that reach the
+    unpadded input (plus one for the bilinear neighbour) are upscaled: for a 4:3 photo that is a
+    quarter less work. Keeping the integer scale factor keeps every sample position, and so every
+    value, identical.
+    """
+    side = model.image_encoder.img_size
+    low_h, low_w = low_res.shape[-2:]
+    factor = side // low_h
+    if factor * low_h != side or factor * low_w != side:
+        return model.postprocess_masks(low_res[:, None], input_size, image_size)[:, 0]
+    rows = min(low_h, -(-input_size[0] // factor) + 1)
+    cols = min(low_w, -(-input_size[1] // factor) + 1)
+    needed = low_res[:, None, :rows, :cols]
+    upscaled = F.interpolate(needed, (rows * factor, cols * factor), mode="bilinear", align_corners=False)
+    upscaled = upscaled[..., : input_size[0], : input_size[1]]
+    return F.interpolate(upscaled, tuple(image_size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def uncrop_masks(masks: torch.Tensor, crop_box: list[int], image_size: tuple[int, int]) -> torch.Tensor:

@@ -64,3 +64,18 @@ def test_uncrop_masks_matches_oracle():
     masks = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) > 0.5
     for crop in ([5, 7, 35, 27], [0, 0, 30, 20], [0, 3, 30, 23]):
         assert torch.equal(uncrop_masks(masks, crop, (40, 50)), amg.uncrop_masks(masks, crop, 40, 50))
+
+
+def test_upscale_logits_is_bit_identical_to_model_postprocessing():
+    from sam_core import build_sam
+    from sam_core.amg.decoding import upscale_logits
+    from tests.sam_factory import tiny_config
+
+    model = build_sam(tiny_config())  # 256 input, 64x64 low-res masks
+    low_res = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0)) * 5
+    for original in [(200, 300), (230, 135), (90, 135), (256, 256), (31, 257), (1000, 7)]:
+        scale = 256 / max(original)
+        input_size = tuple(int(v * scale + 0.5) for v in original)
+        ours = upscale_logits(model, low_res, input_size, original)
+        reference = model.postprocess_masks(low_res[:, None], input_size, original)[:, 0]
+        assert torch.equal(ours, reference), original
