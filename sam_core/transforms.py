@@ -18,9 +18,13 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-        """(h, w) after scaling so that max(h, w) == long_side_length, rounded half up."""
+        """(h, w) after scaling so that max(h, w) == long_side_length, rounded half up.
+
+        A side that would round to 0 pixels (e.g. 10000x3) is kept at 1: the reference crashes
+        there, and every other shape gets exactly the reference's size.
+        """
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 -> hxwx3 uint8 with max(h, w) == target_length (PIL bilinear)."""
