@@ -146,6 +146,6 @@ def _timings(batch: dict, i: int) -> dict:
 
 def _text(value) -> Optional[str]:
     """A string cell, or None: an all-null column arrives as NaN floats in numpy batches."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):  # float32 too
         return None
     return str(value)

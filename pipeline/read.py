@@ -3,7 +3,8 @@
 Runs on CPU workers via ``Dataset.map_batches(read_batch, batch_format="numpy")``, before
 ``pipeline.decode.decode_batch``, which turns a ``read_error`` into the row's error. One bad
 object (deleted since listing, no permission) never fails the batch. Transient store errors
-are retried with exponential backoff (on top of s3fs's own retries); a missing object is not.
+are retried with exponential backoff (``pipeline.retry``, on top of s3fs's own retries); a
+missing object is not.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import fsspec
 import numpy as np
 
 from pipeline.redact import redact_text
+from pipeline.retry import RetriesExhausted, with_retries
 
 RETRIES = 3
 FIRST_BACKOFF_S = 0.5
@@ -42,18 +44,16 @@ def read_batch(batch: dict, *, storage_options: Optional[dict] = None) -> dict:
 
 def read_object(uri: str, storage_options: dict) -> Tuple[Optional[bytes], Optional[str]]:
     """(bytes, None) or (None, reason). Retries transient failures, not missing objects."""
-    delay = FIRST_BACKOFF_S
-    for attempt in range(RETRIES + 1):
-        try:
-            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-            return fs.cat_file(path), None
-        except FileNotFoundError:
-            return None, "object not found (deleted or moved since it was listed)"
-        except PermissionError as exc:
-            return None, redact_text(f"permission denied reading the object: {exc}")
-        except Exception as exc:  # network and server errors: retry, then report
-            if attempt == RETRIES:
-                return None, redact_text(f"read failed after {RETRIES + 1} attempts: {type(exc).__name__}: {exc}")
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        data = with_retries(lambda: fs.cat_file(path), what=f"reading {uri}", attempts=RETRIES + 1,
+                            first_backoff_s=FIRST_BACKOFF_S)
+        return data, None
+    except FileNotFoundError:
+        return None, "object not found (deleted or moved since it was listed)"
+    except PermissionError as exc:
+        return None, redact_text(f"permission denied reading the object: {exc}")
+    except RetriesExhausted as exc:
+        return None, str(exc)  # already scrubbed of credentials
+    except Exception as exc:  # permanent errors other than the above: say what, once
+        return None, redact_text(f"read failed: {type(exc).__name__}: {exc}")

@@ -136,23 +136,26 @@ def run(
     """
     started, clock = _now(), time.perf_counter()
     output = Output(config.output, config.storage_options)
-    if config.overwrite:
-        output.clear()
-    else:
+    if not config.overwrite:
         _check_same_settings(output, config)
     listed = sources.list_inputs(config.input, config.storage_options, config.limit)
-    todo = sources.pending(listed, output.written_uris())
+    written = set() if config.overwrite else output.written_uris()
+    todo = sources.pending(listed, written)
     prompt_errors: List[dict] = []
     if config.prompts:  # only prompted images; prompts for images not listed become error rows
         from pipeline.prompted import load_prompts, select_inputs
 
-        todo, prompt_errors = select_inputs(config, listed, output.written_uris())
+        todo, prompt_errors = select_inputs(config, listed, written)
         listed = list(load_prompts(config))
+    # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
+    # or touches an existing output.
+    checkpoint_sha256 = check_model(config) if (todo or prompt_errors) and stage is None else None
+    if config.overwrite:
+        output.clear()
     summary = RunSummary(config.output, output.next_run_index(), len(listed),
                          len(listed) - len(todo) - len(prompt_errors))
-    manifest = _manifest(config, summary, started, checkpoint_sha256=None, status="running")
+    manifest = _manifest(config, summary, started, checkpoint_sha256=checkpoint_sha256, status="running")
     if todo or prompt_errors:
-        manifest["checkpoint_sha256"] = check_model(config) if stage is None else None
         output.mark_incomplete()
         output.write_manifest(manifest)
         try:

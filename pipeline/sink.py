@@ -27,6 +27,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.retry import with_retries
+
 SHARD_PATTERN = re.compile(r"^part-(\d{4,})-(\d{6,})\.parquet$")
 TEMPORARY_PATTERN = re.compile(r"^\.part-\d{4,}-\d{6,}\.parquet\.[0-9a-f]+\.tmp$")
 RUN_MANIFEST = "_run.json"
@@ -130,17 +132,25 @@ class Output:
         self.fs.makedirs(self.root, exist_ok=True)
         if _is_local(self.fs):
             temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-            with self.fs.open(temporary, "wb") as handle:
-                pq.write_table(table, handle)
+            self._put_table(table, temporary)
             self.fs.mv(temporary, target)
         else:
-            with self.fs.open(target, "wb") as handle:
-                pq.write_table(table, handle)
+            self._put_table(table, target)
         return target
 
+    def _put_table(self, table: pa.Table, path: str) -> None:
+        def put() -> None:
+            with self.fs.open(path, "wb") as handle:
+                pq.write_table(table, handle)
+
+        with_retries(put, what=f"writing {path}")  # a store restarting must not cost the run
+
     def _put_text(self, name: str, text: str) -> None:
-        with self.fs.open(self.path(name), "wt") as handle:
-            handle.write(text)
+        def put() -> None:
+            with self.fs.open(self.path(name), "wt") as handle:
+                handle.write(text)
+
+        with_retries(put, what=f"writing {self.path(name)}")
 
 
 class ShardWriter:

@@ -56,4 +56,4 @@ def test_transient_errors_are_retried_then_succeed(flaky):
 def test_persistent_errors_become_a_reason_after_the_last_retry(flaky):
     flaky.failures = read.RETRIES + 1
     data, reason = read.read_object("flakymem://bucket/a.jpg", {})
-    assert data is None and "after 4 attempts" in reason and "ConnectionError" in reason
+    assert data is None and "failed 4 times" in reason and "ConnectionError" in reason
