@@ -197,8 +197,8 @@ def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateCo
             summary.ok += ok
             summary.failed += table.num_rows - ok
             summary.masks += pc.sum(table["num_masks"]).as_py() or 0
-            bar.update(table.num_rows)
             bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks, refresh=False)
+            bar.update(table.num_rows)
             if on_rows is not None:
                 on_rows(table)
     finally:  # rows already received are kept even when the run stops: a rerun skips them
@@ -207,9 +207,29 @@ def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateCo
 
 
 def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is declared, but a bare cluster image may lack it: log lines instead
+        return _LogProgress(total, enabled)
     return tqdm(total=total, unit="img", desc="annotating", disable=not enabled, file=sys.stderr)
+
+
+class _LogProgress:
+    """The few tqdm methods `_write_rows` uses, as a log line per update."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.postfix = total, enabled, 0, {}
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if self.enabled:
+            log.info("annotating: %d/%d images %s", self.done, self.total, self.postfix)
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
 
 
 def _check_same_settings(output: Output, config: AnnotateConfig) -> None:
