@@ -273,3 +273,44 @@ def test_exhausted_retries_say_what_failed_without_credentials(monkeypatch):
     assert "part-0001-000000.parquet" in message and "failed 4 times" in message and "503" in message
     assert "retry-test-secret-value" not in message
     assert isinstance(info.value.__cause__, OSError)
+
+
+class FlakyFilesystem:
+    """Wraps an fsspec filesystem; each listed method fails once, as calls to a restarting S3 do."""
+
+    def __init__(self, fs, flaky=("exists", "makedirs", "open", "ls", "info")):
+        self._fs, self._pending = fs, set(flaky)
+        self.failures = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._fs, name)
+        if name not in self._pending or not callable(attribute):
+            return attribute
+
+        def once_failing(*args, **kwargs):
+            if name in self._pending:
+                self._pending.discard(name)
+                self.failures.append(name)
+                raise ConnectionError(f"Could not connect to the endpoint URL (during {name})")
+            return attribute(*args, **kwargs)
+
+        return once_failing
+
+
+def test_shard_write_survives_a_store_that_drops_every_kind_of_call_once():
+    """What an S3 restart looks like to the sink: each call it makes may fail once, then work."""
+    import pyarrow as pa
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.sink import Output
+
+    store = MemoryFileSystem()  # process-wide: a fresh root per call keeps tests apart
+    root = f"memory://fault-test-{os.getpid()}-{time.monotonic_ns()}/out"
+    output = Output(root)
+    output.fs = FlakyFilesystem(store)
+    table = pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "status": ["ok", "error"]})
+    path = output.write_shard(table, "part-0001-000000.parquet")
+    assert output.fs.failures, "no call failed: the test proved nothing"
+    with store.open(path, "rb") as handle:
+        assert pq.read_table(handle).to_pylist() == table.to_pylist()
+    store.rm(root.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
