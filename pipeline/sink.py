@@ -127,9 +127,10 @@ class Output:
     def write_shard(self, table: pa.Table, name: str) -> str:
         """Write one shard atomically; refuse to replace an existing object."""
         target = self.path(name)
-        if self.fs.exists(target):
+        # Every store call is retried: the first call after an S3 restart is as likely to fail as the put.
+        if with_retries(lambda: self.fs.exists(target), what=f"checking {target}"):
             raise OutputExistsError(f"{target} already exists: is another run writing to this output?")
-        self.fs.makedirs(self.root, exist_ok=True)
+        with_retries(lambda: self.fs.makedirs(self.root, exist_ok=True), what=f"creating {self.root}")
         if _is_local(self.fs):
             temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
             self._put_table(table, temporary)
