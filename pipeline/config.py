@@ -14,12 +14,8 @@ from typing import Optional
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.redact import redact_mapping
 
-# Fields that change what a row contains. A resumed run must agree with the output on these,
-# otherwise one output would mix masks made with different settings.
-RESULT_FIELDS = (
-    "checkpoint",
-    "model_type",
-    "fast",
+# The AutomaticMaskGenerator parameters a run passes through, by segment-anything's names.
+AMG_FIELDS = (
     "points_per_side",
     "points_per_batch",
     "pred_iou_thresh",
@@ -31,10 +27,11 @@ RESULT_FIELDS = (
     "crop_overlap_ratio",
     "crop_n_points_downscale_factor",
     "min_mask_region_area",
-    "max_pixels",
-    "prompts",
-    "multimask",
 )
+
+# Fields that change what a row contains. A resumed run must agree with the output on these,
+# otherwise one output would mix masks made with different settings.
+RESULT_FIELDS = ("checkpoint", "model_type", "fast", *AMG_FIELDS, "max_pixels", "prompts", "multimask")
 
 
 @dataclass
@@ -84,20 +81,7 @@ class AnnotateConfig:
 
     def amg_kwargs(self) -> dict:
         """Keyword arguments for `sam_core.AutomaticMaskGenerator` (output mode excluded)."""
-        names = (
-            "points_per_side",
-            "points_per_batch",
-            "pred_iou_thresh",
-            "stability_score_thresh",
-            "stability_score_offset",
-            "box_nms_thresh",
-            "crop_n_layers",
-            "crop_nms_thresh",
-            "crop_overlap_ratio",
-            "crop_n_points_downscale_factor",
-            "min_mask_region_area",
-        )
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in AMG_FIELDS}
 
     def to_dict(self) -> dict:
         """All fields, secrets included: for shipping to workers, never for writing out."""
