@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline.config import AnnotateConfig
+from pipeline.config import AMG_FIELDS, AnnotateConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight model")
 
     amg = parser.add_argument_group("automatic mask generation (segment-anything's parameters)")
-    for name in AnnotateConfig(input="", output="", checkpoint="").amg_kwargs():
+    for name in AMG_FIELDS:
         value = getattr(defaults, name)
         amg.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value:g}")
 
@@ -146,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.redact import install_log_redaction
 
-    install_log_redaction(list(_secret_values(args.storage_options)))
+    secrets = _secret_values(args.storage_options)
+    install_log_redaction(secrets)
     config = config_from_args(args)
     if config.demo:
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
@@ -159,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
         from pipeline.redact import redact_text
 
-        print(f"sam-annotate: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"sam-annotate: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return 1
     print(summary.line())
     if config.demo:
