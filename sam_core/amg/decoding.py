@@ -6,6 +6,9 @@ filter does not depend on the mask pixels, so skipping the others changes nothin
 """
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,22 @@ def decode_points(
         multimask_output=True,
     )
     return low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
+
+
+def bfloat16_decoder(model):
+    """The prompt encoder and mask decoder of ``model`` with bfloat16 weights (copies; the model
+    itself is left as it is), for ``decode_points``.
+
+    Under autocast only the matmuls run in bfloat16 and the decoder's many element-wise passes
+    stay float32; with bfloat16 weights every intermediate is bfloat16, which measured about twice
+    as fast as float32 per prompt on a CPU with AMX (autocast: ~1.2x).
+    """
+    if model.mask_decoder.iou_token.weight.dtype == torch.bfloat16:
+        return model
+    return SimpleNamespace(
+        prompt_encoder=copy.deepcopy(model.prompt_encoder).to(torch.bfloat16),
+        mask_decoder=copy.deepcopy(model.mask_decoder).to(torch.bfloat16),
+    )
 
 
 def decoder_batch_size(model, device: torch.device, requested: int, budget_bytes: int = 16 << 20) -> int:

@@ -6,8 +6,8 @@ cleanup). Differences from the official generator that do not change its output:
 - only masks that pass the predicted-IoU filter are upsampled to full resolution, in chunks
   whose size bounds memory;
 - run-length encoding is vectorised over a batch of masks.
-``fast=True`` additionally runs the encoder and decoder under bfloat16 autocast: masks then
-differ slightly from the fp32 ones.
+``fast=True`` additionally runs the encoder under bfloat16 autocast and the prompt encoder and
+mask decoder as bfloat16 copies: masks then differ slightly from the fp32 ones.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from sam_core.amg.candidates import MaskCandidates
 from sam_core.amg.cleanup import clean_small_regions
 from sam_core.amg.decoding import (
+    bfloat16_decoder,
     decode_points,
     decoder_batch_size,
     uncrop_masks,
@@ -46,7 +47,7 @@ class AutomaticMaskGenerator:
 
     Parameters, defaults and outputs are those of segment-anything's ``SamAutomaticMaskGenerator``
     (see its documentation); extras, keyword-only:
-        fast: run the encoder and decoder under bfloat16 autocast (faster, near-identical masks).
+        fast: encoder under bfloat16 autocast, decoder with bfloat16 weights (faster, near-identical masks).
         encoder_batch_size: how many images/crops the encoder takes at once in ``generate_batch``.
         decoder_batch_size: prompts per decoder call within each ``points_per_batch`` batch
             (default: ``points_per_batch`` on accelerators, a cache-sized count on CPU).
@@ -99,6 +100,7 @@ class AutomaticMaskGenerator:
         self.fast = fast
         self.encoder_batch_size = max(1, int(encoder_batch_size))
         self.decoder_batch_size = decoder_batch_size
+        self._fast_decoder = None  # bfloat16 copy of the prompt encoder and decoder, made on first use
 
     @property
     def model(self):
@@ -133,6 +135,11 @@ class AutomaticMaskGenerator:
             del embeddings
         self.predictor.reset_image()
         return [self._finish(parts, len(parts)) for parts in per_image]
+
+    def _bf16_decoder(self):
+        if self._fast_decoder is None:
+            self._fast_decoder = bfloat16_decoder(self.model)
+        return self._fast_decoder
 
     def _autocast(self):
         if not self.fast:
@@ -204,11 +211,12 @@ class AutomaticMaskGenerator:
             self.predictor.transform.apply_coords(points, crop_size), device=self.predictor.device
         )
         step = self.decoder_batch_size or decoder_batch_size(self.model, coords.device, len(coords))
-        with self._autocast():
-            decoded = [
-                decode_points(self.model, embedding.features, coords[start : start + step])
-                for start in range(0, len(coords), step)
-            ]
+        decoder, features = self.model, embedding.features
+        if self.fast:
+            decoder, features = self._bf16_decoder(), features.to(torch.bfloat16)
+        decoded = [
+            decode_points(decoder, features, coords[start : start + step]) for start in range(0, len(coords), step)
+        ]
         low_res = torch.cat([logits for logits, _ in decoded])
         iou_preds = torch.cat([iou for _, iou in decoded])
         del decoded
