@@ -115,3 +115,26 @@ def test_crop_layers_contribute_masks(models, photos):
     ref, ours = _run_both(models, square, **kwargs)
     assert len(ref) > 0
     _assert_parity(ref, ours)
+
+
+@pytest.mark.parametrize("crop_nms_thresh", [1.0, 0.7])
+def test_crop_masks_with_edge_filter_disabled_on_both_sides(models, photos, monkeypatch, crop_nms_thresh):
+    # With the inner-crop-edge filter switched off in BOTH generators, every crop contributes
+    # masks, so un-cropping of masks, boxes and points, and the cross-crop NMS preferring smaller
+    # crops, are compared on real offsets.
+    import segment_anything.automatic_mask_generator as official_module
+    import torch
+
+    import sam_core.amg.generator as our_module
+
+    def never_near(boxes, *args, **kwargs):
+        return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+
+    monkeypatch.setattr(official_module, "is_box_near_crop_edge", never_near)
+    monkeypatch.setattr(our_module, "is_box_near_crop_edge", never_near)
+    kwargs = dict(points_per_side=4, crop_n_layers=1, pred_iou_thresh=0.05, stability_score_thresh=0.7,
+                  box_nms_thresh=1.0, crop_nms_thresh=crop_nms_thresh, output_mode="coco_rle")
+    ref, ours = _run_both(models, photos[1], **kwargs)
+    crops = {tuple(r["crop_box"]) for r in ref}
+    assert len(crops) >= 3, crops  # masks from the whole image and from several crops
+    _assert_parity(ref, ours)
