@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -38,9 +39,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32 so that a bf16 model normalises as accurately as nn.LayerNorm does.
-        x32 = x.float()
-        mean = x32.mean(1, keepdim=True)
-        var = (x32 - mean).pow(2).mean(1, keepdim=True)
-        x = ((x32 - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return self.channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation on a (..., C) tensor. ``F.layer_norm`` accumulates its statistics
+        in fp32 for a bf16 input, as nn.LayerNorm does, in one pass."""
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sam_core.config import SamMaskDecoderConfig
@@ -105,11 +106,41 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens, attention_similarity, target_embedding)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(batch, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )  # (B, num_mask_tokens, C/8)
-        b, c8, uh, uw = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).reshape(b, -1, uh, uw)
+        masks = self.masks_from_tokens(src, mask_tokens_out, (h, w))
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def masks_from_tokens(
+        self, image_tokens: torch.Tensor, mask_tokens: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Mask logits from the transformer's outputs.
+
+        image_tokens (B, h*w, C) row-major over ``grid`` = (h, w); mask_tokens (B, M, C), M of the
+        hypernetwork MLPs in order -> logits (B, M, 4h, 4w).
+
+        Same as ``output_upscaling`` on the (B, C, h, w) map followed by the hypernetwork product,
+        computed channels-last: a 2x2 stride-2 transposed convolution sends each input pixel to
+        its own 2x2 output block, so it is a Linear C -> (2, 2, C') per pixel. That keeps the
+        layer norm and GELU passes over contiguous channels and skips the transposes.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        batch, n_pixels, _ = image_tokens.shape
+        x = act1(norm.channels_last(_pixelwise(up1, image_tokens)))  # (B, h*w, 2*2, C/4)
+        x = act2(_pixelwise(up2, x))  # (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps[: mask_tokens.shape[1]])],
+            dim=1,
+        )  # (B, M, C/8)
+        masks = x.reshape(batch, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
+        h, w = grid
+        # Output row 4i + 2ki + li, column 4j + 2kj + lj.
+        masks = masks.view(batch, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(batch, -1, 4 * h, 4 * w)
+
+
+def _pixelwise(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-2 stride-2 ``ConvTranspose2d`` on channels-last input: (..., C_in) -> (..., 2*2, C_out),
+    the new dim being the output block's (row, column) offsets."""
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)
+    out = F.linear(x, weight, conv.bias.repeat(4))
+    return out.view(*x.shape[:-1], 4, c_out)

@@ -52,6 +52,74 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
+    def _per_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """A projection weight (internal_dim, C) as (heads, head_dim, C)."""
+        return weight.view(self.num_heads, -1, weight.shape[-1])
+
+    def tokens_to_image(
+        self,
+        tokens: torch.Tensor,
+        image_keys: torch.Tensor,
+        image_values: torch.Tensor,
+        attention_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Same as ``forward(tokens, image_keys, image_values, attention_bias)`` for few queries.
+
+        tokens (B, T, C); image_keys and image_values (B or 1, N, C) with T << N -> (B, T, C).
+
+        Low rank: instead of projecting all N image tokens (per prompt), the key projection is
+        folded into the T queries and the value projection applied after the weighted sum:
+        q_h . (Wk_h x + bk_h) = (Wk_h^T q_h) . x + q_h . bk_h, whose last term is the same for every
+        key and so cancels in the softmax; sum_n p_n (Wv_h x_n + bv_h) = Wv_h (sum_n p_n x_n) + bv_h
+        because the probabilities sum to 1.
+        """
+        batch, n_tokens, channels = tokens.shape
+        heads = self.num_heads
+        q = self._split_heads(self.q_proj(tokens))  # (B, H, T, d)
+        q = q * q.shape[-1] ** -0.5
+        q_image = (q @ self._per_head(self.k_proj.weight)).reshape(batch, heads * n_tokens, channels)
+        if image_keys.shape[0] == 1:  # shared image: one GEMM for all prompts
+            scores = (q_image.reshape(-1, channels) @ image_keys[0].T).view(batch, heads * n_tokens, -1)
+        else:
+            scores = q_image @ image_keys.transpose(1, 2)  # (B, H*T, N)
+        if attention_bias is not None:
+            scores = (scores.view(batch, heads, n_tokens, -1) + attention_bias.to(scores.dtype)).flatten(1, 2)
+        probs = scores.softmax(-1)
+        if image_values.shape[0] == 1:
+            mixed = (probs.reshape(-1, probs.shape[-1]) @ image_values[0]).view(batch, heads, n_tokens, channels)
+        else:
+            mixed = (probs @ image_values).view(batch, heads, n_tokens, channels)  # (B, H, T, C)
+        head_dim = self.internal_dim // heads
+        out = mixed @ self._per_head(self.v_proj.weight).transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, self.internal_dim))
+
+    def image_to_tokens(
+        self, image_queries: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + forward(image_queries, tokens_k, tokens_v)`` for few keys, in low rank.
+
+        image_queries and residual (B or 1, N, C); tokens_k and tokens_v (B, T, C) -> (B, N, C).
+
+        With T << N the query and output projections of the N image tokens are folded into the
+        tokens: logits x . (Wq_h^T k_h) + bq_h . k_h, and out = sum_h P_h (v_h Wo_h^T) + bo, so the
+        per-prompt work over the image is two (N, C) x (C, H*T) products. The output bias is split
+        over the heads' values (each head's probabilities sum to 1) so that the residual add is
+        the accumulate of the last product.
+        """
+        batch, n_tokens, channels = tokens_k.shape
+        heads = self.num_heads
+        k = self._split_heads(self.k_proj(tokens_k))  # (B, H, T, d)
+        k = k * k.shape[-1] ** -0.5
+        v = self._split_heads(self.v_proj(tokens_v))  # (B, H, T, d)
+        head_dim = k.shape[-1]
+        image_side_k = (k @ self._per_head(self.q_proj.weight)).reshape(batch, heads * n_tokens, channels)
+        k_bias = (k @ self.q_proj.bias.view(heads, head_dim, 1)).reshape(batch, 1, heads * n_tokens)
+        scores = torch.baddbmm(k_bias, image_queries.expand(batch, -1, -1), image_side_k.transpose(1, 2))
+        probs = scores.view(batch, -1, heads, n_tokens).softmax(-1).view(batch, -1, heads * n_tokens)
+        out_proj_t = self.out_proj.weight.T.reshape(heads, head_dim, channels)  # (H, d, C)
+        values = v @ out_proj_t + self.out_proj.bias / heads  # (B, H, T, C)
+        return torch.baddbmm(residual, probs, values.reshape(batch, heads * n_tokens, channels))
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image cross-attention, token MLP, image->token cross-attention."""
@@ -87,12 +155,17 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys, attention_similarity))
+        # Both cross-attentions of a block see the same image tokens: add their PE once.
+        keys_with_pe = keys + key_pe
+        attended = self.cross_attn_token_to_image.tokens_to_image(
+            queries + query_pe, keys_with_pe, keys, attention_similarity
+        )
+        queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(
+            self.cross_attn_image_to_token.image_to_tokens(keys_with_pe, queries + query_pe, queries, residual=keys)
+        )
         return queries, keys
 
 
@@ -139,6 +212,6 @@ class TwoWayTransformer(nn.Module):
             if target_embedding is not None and i > 0:
                 queries = queries + target_embedding
             queries, keys = layer(queries, keys, query_pe, key_pe, attention_similarity)
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        attended = self.final_attn_token_to_image.tokens_to_image(queries + query_pe, keys + key_pe, keys)
+        queries = self.norm_final_attn(queries + attended)
         return queries, keys.expand(queries.shape[0], -1, -1)
