@@ -14,29 +14,44 @@ import torch.nn.functional as F
 
 
 def decode_points(
-    model, features: torch.Tensor, coords_input: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multimask prediction for one foreground point per prompt.
+    model, features: torch.Tensor, coords_input: torch.Tensor, pred_iou_thresh: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multimask prediction for one foreground point per prompt, masks only where kept.
 
     Args:
         features: (1, C, G, G) image embedding.
         coords_input: (B, 2) points (x, y) in the resized-input frame.
+        pred_iou_thresh: masks whose predicted IoU is not above it are dropped (none when 0).
     Returns:
-        low-res logits (B * 3, 4G, 4G) float32 and IoU predictions (B * 3,) float32, the three
-        masks of a prompt consecutive.
+        low-res logits (K, 4G, 4G) float32 of the K kept masks, IoU predictions (B * 3,) float32
+        of all masks, and ``keep`` (B * 3,) bool; the three masks of a prompt consecutive.
+
+    The predicted IoU comes from the transformer's IoU token, before any mask is upscaled, so
+    the upscaling and hypernetwork product (about half the decoder's time) run only for prompts
+    with a kept mask: the same logits as the full decoder for the masks kept.
     """
     labels = torch.ones(len(coords_input), 1, dtype=torch.int, device=coords_input.device)
     sparse, dense = model.prompt_encoder(points=(coords_input[:, None, :], labels), boxes=None, masks=None)
-    low_res, iou = model.mask_decoder(
+    decoder = model.mask_decoder
+    tokens, image_tokens, grid = decoder.run_transformer(
         image_embeddings=features,
         image_pe=model.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         # With no mask prompt the dense embedding is the same for every prompt: pass it once and
         # let it broadcast, rather than adding B copies to the image embedding.
         dense_prompt_embeddings=dense[:1],
-        multimask_output=True,
     )
-    return low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
+    multimask = range(1, decoder.num_mask_tokens)  # token 0 is the single-mask output
+    iou = decoder.iou_from_tokens(tokens)[:, 1:].float()  # (B, 3)
+    keep = iou > pred_iou_thresh if pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+    prompts = keep.any(1)
+    if not bool(prompts.any()):
+        side = 4 * grid[0], 4 * grid[1]
+        return torch.empty(0, *side, device=iou.device), iou.flatten(), keep.flatten()
+    if not bool(prompts.all()):
+        tokens, image_tokens = tokens[prompts], image_tokens[prompts]
+    low_res = decoder.masks_from_tokens(tokens, image_tokens, grid, multimask)[keep[prompts]].float()
+    return low_res, iou.flatten(), keep.flatten()
 
 
 def bfloat16_decoder(model):

@@ -214,17 +214,16 @@ class AutomaticMaskGenerator:
         decoder, features = self.model, embedding.features
         if self.fast:
             decoder, features = self._bf16_decoder(), features.to(torch.bfloat16)
+        # The predicted-IoU filter is applied inside decode_points, before masks are upscaled.
         decoded = [
-            decode_points(decoder, features, coords[start : start + step]) for start in range(0, len(coords), step)
+            decode_points(decoder, features, coords[start : start + step], self.pred_iou_thresh)
+            for start in range(0, len(coords), step)
         ]
-        low_res = torch.cat([logits for logits, _ in decoded])
-        iou_preds = torch.cat([iou for _, iou in decoded])
+        low_res = torch.cat([logits for logits, _, _ in decoded])
+        keep = torch.cat([kept for _, _, kept in decoded])
+        iou_preds = torch.cat([iou for _, iou, _ in decoded])[keep]
         del decoded
-        points = np.repeat(points, 3, axis=0)  # three masks per prompt
-
-        if self.pred_iou_thresh > 0.0:
-            keep = (iou_preds > self.pred_iou_thresh).cpu()
-            low_res, iou_preds, points = low_res[keep.to(low_res.device)], iou_preds[keep.to(iou_preds.device)], points[keep.numpy()]
+        points = np.repeat(points, 3, axis=0)[keep.cpu().numpy()]  # three masks per prompt
 
         chunk = upscale_chunk_size(self.model.image_encoder.img_size, image_size)
         parts = []

@@ -4,7 +4,7 @@ C = hidden_size, G = image embedding side. Outputs masks at 4G x 4G (256 x 256 f
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,28 @@ class MaskDecoder(nn.Module):
         target_embedding: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: logits (B, num_mask_tokens, 4G, 4G), IoU (B, num_mask_tokens)."""
+        tokens, image_tokens, grid = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            attention_similarity, target_embedding,
+        )
+        masks = self.masks_from_tokens(tokens, image_tokens, grid, range(self.num_mask_tokens))
+        return masks, self.iou_from_tokens(tokens)
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        attention_similarity: Optional[torch.Tensor] = None,
+        target_embedding: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The two-way transformer on B prompts (inputs as in ``forward``).
+
+        Returns the output tokens (B, T, C) (IoU token, mask tokens, prompt tokens), the image
+        tokens (B, h*w, C) and the grid (h, w). ``iou_from_tokens`` and ``masks_from_tokens``
+        finish the prediction; splitting them lets a caller skip the masks it will not keep.
+        """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -101,21 +123,21 @@ class MaskDecoder(nn.Module):
         # Batch 1 when the image and dense prompt are shared by all prompts: the transformer then
         # computes the first layer's image-side projections once (see TwoWayTransformer).
         src = image_embeddings + dense_prompt_embeddings
-        _, c, h, w = src.shape
+        tokens, image_tokens = self.transformer(src, image_pe, tokens, attention_similarity, target_embedding)
+        return tokens, image_tokens, tuple(src.shape[-2:])
 
-        hs, src = self.transformer(src, image_pe, tokens, attention_similarity, target_embedding)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        masks = self.masks_from_tokens(src, mask_tokens_out, (h, w))
-        return masks, self.iou_prediction_head(iou_token_out)
+    def iou_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Transformer output tokens (B, T, C) -> predicted IoU of every mask token (B, num_mask_tokens)."""
+        return self.iou_prediction_head(tokens[:, 0, :])
 
     def masks_from_tokens(
-        self, image_tokens: torch.Tensor, mask_tokens: torch.Tensor, grid: tuple[int, int]
+        self, tokens: torch.Tensor, image_tokens: torch.Tensor, grid: tuple[int, int], mask_indices: Sequence[int]
     ) -> torch.Tensor:
         """Mask logits from the transformer's outputs.
 
-        image_tokens (B, h*w, C) row-major over ``grid`` = (h, w); mask_tokens (B, M, C), M of the
-        hypernetwork MLPs in order -> logits (B, M, 4h, 4w).
+        tokens (B, T, C) and image_tokens (B, h*w, C) as ``run_transformer`` returns them, grid
+        (h, w); ``mask_indices``: which of the num_mask_tokens masks, M of them -> logits
+        (B, M, 4h, 4w).
 
         Same as ``output_upscaling`` on the (B, C, h, w) map followed by the hypernetwork product,
         computed channels-last: a 2x2 stride-2 transposed convolution sends each input pixel to
@@ -123,12 +145,11 @@ class MaskDecoder(nn.Module):
         layer norm and GELU passes over contiguous channels and skips the transposes.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
-        batch, n_pixels, _ = image_tokens.shape
+        batch = image_tokens.shape[0]
         x = act1(norm.channels_last(_pixelwise(up1, image_tokens)))  # (B, h*w, 2*2, C/4)
         x = act2(_pixelwise(up2, x))  # (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
         hyper_in = torch.stack(
-            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps[: mask_tokens.shape[1]])],
-            dim=1,
+            [self.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in mask_indices], dim=1
         )  # (B, M, C/8)
         masks = x.reshape(batch, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
         h, w = grid
