@@ -210,10 +210,12 @@ class AutomaticMaskGenerator:
         coords = torch.as_tensor(
             self.predictor.transform.apply_coords(points, crop_size), device=self.predictor.device
         )
-        step = self.decoder_batch_size or decoder_batch_size(self.model, coords.device, len(coords))
         decoder, features = self.model, embedding.features
         if self.fast:
             decoder, features = self._bf16_decoder(), features.to(torch.bfloat16)
+        step = self.decoder_batch_size or decoder_batch_size(
+            self.model, coords.device, len(coords), dtype=features.dtype
+        )
         # The predicted-IoU filter is applied inside decode_points, before masks are upscaled.
         decoded = [
             decode_points(decoder, features, coords[start : start + step], self.pred_iou_thresh)

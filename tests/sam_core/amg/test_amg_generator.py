@@ -70,7 +70,8 @@ def test_decoder_sub_batches_change_nothing(model, photo):
     split = AutomaticMaskGenerator(model, decoder_batch_size=3, **kwargs).generate(photo)
     assert len(split) == len(whole) == 75
     assert matched_fraction(whole, split, iou_pred_atol=1e-5, stability_atol=1e-3) == 1.0
-    # ViT-B on a CPU: (prompts, 64*64, 256) fp32 kept near 16 MiB -> 4 prompts per call
+    # ViT-B on a CPU: (prompts, 64*64, 256) kept near 8 MiB -> 2 prompts per call in fp32, 4 in bf16
     vit_b = build_sam(SamConfig.preset("vit_b"))
-    assert decoder_batch_size(vit_b, torch.device("cpu"), 64) == 4
+    assert decoder_batch_size(vit_b, torch.device("cpu"), 64) == 2
+    assert decoder_batch_size(vit_b, torch.device("cpu"), 64, dtype=torch.bfloat16) == 4
     assert decoder_batch_size(vit_b, torch.device("cuda"), 64) == 64
