@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 
 def decode_points(
-    model, features: torch.Tensor, coords_input: torch.Tensor, pred_iou_thresh: float = 0.0
+    model, features: torch.Tensor, coords_input: torch.Tensor, pred_iou_thresh: float = 0.0, step: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multimask prediction for one foreground point per prompt, masks only where kept.
 
@@ -22,6 +22,7 @@ def decode_points(
         features: (1, C, G, G) image embedding.
         coords_input: (B, 2) points (x, y) in the resized-input frame.
         pred_iou_thresh: masks whose predicted IoU is not above it are dropped (none when 0).
+        step: prompts per decoder call (all at once when 0); the image side is prepared once.
     Returns:
         low-res logits (K, 4G, 4G) float32 of the K kept masks, IoU predictions (B * 3,) float32
         of all masks, and ``keep`` (B * 3,) bool; the three masks of a prompt consecutive.
@@ -30,17 +31,23 @@ def decode_points(
     the upscaling and hypernetwork product (about half the decoder's time) run only for prompts
     with a kept mask: the same logits as the full decoder for the masks kept.
     """
+    decoder = model.mask_decoder
     labels = torch.ones(len(coords_input), 1, dtype=torch.int, device=coords_input.device)
     sparse, dense = model.prompt_encoder(points=(coords_input[:, None, :], labels), boxes=None, masks=None)
-    decoder = model.mask_decoder
-    tokens, image_tokens, grid = decoder.run_transformer(
-        image_embeddings=features,
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        # With no mask prompt the dense embedding is the same for every prompt: pass it once and
-        # let it broadcast, rather than adding B copies to the image embedding.
-        dense_prompt_embeddings=dense[:1],
-    )
+    # With no mask prompt the dense embedding is the same for every prompt: prepare the image
+    # side once, with batch 1, for all prompts.
+    image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1])
+    step = step or len(coords_input)
+    parts = [
+        _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh)
+        for start in range(0, len(coords_input), step)
+    ]
+    return tuple(torch.cat(part) for part in zip(*parts))
+
+
+def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float):
+    """``decode_points`` on one decoder batch of (B, T, C) sparse prompt embeddings."""
+    tokens, image_tokens, grid = decoder.run_transformer_on(image, sparse)
     multimask = range(1, decoder.num_mask_tokens)  # token 0 is the single-mask output
     iou = decoder.iou_from_tokens(tokens)[:, 1:].float()  # (B, 3)
     keep = iou > pred_iou_thresh if pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)

@@ -217,14 +217,8 @@ class AutomaticMaskGenerator:
             self.model, coords.device, len(coords), dtype=features.dtype
         )
         # The predicted-IoU filter is applied inside decode_points, before masks are upscaled.
-        decoded = [
-            decode_points(decoder, features, coords[start : start + step], self.pred_iou_thresh)
-            for start in range(0, len(coords), step)
-        ]
-        low_res = torch.cat([logits for logits, _, _ in decoded])
-        keep = torch.cat([kept for _, _, kept in decoded])
-        iou_preds = torch.cat([iou for _, iou, _ in decoded])[keep]
-        del decoded
+        low_res, iou_preds, keep = decode_points(decoder, features, coords, self.pred_iou_thresh, step)
+        iou_preds = iou_preds[keep]
         points = np.repeat(points, 3, axis=0)[keep.cpu().numpy()]  # three masks per prompt
 
         chunk = upscale_chunk_size(self.model.image_encoder.img_size, image_size)

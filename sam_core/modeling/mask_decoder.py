@@ -4,7 +4,7 @@ C = hidden_size, G = image embedding side. Outputs masks at 4G x 4G (256 x 256 f
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,16 @@ from torch import nn
 from sam_core.config import SamMaskDecoderConfig
 from sam_core.modeling.common import LayerNorm2d
 from sam_core.modeling.transformer import TwoWayTransformer
+
+
+class PreparedImage(NamedTuple):
+    """Image side of the decoder input: image + dense prompt as tokens (B or 1, h*w, C), their
+    positional encoding (1, h*w, C), the sum of the two, and the grid (h, w)."""
+
+    tokens: torch.Tensor
+    pe: torch.Tensor
+    tokens_with_pe: torch.Tensor
+    grid: tuple[int, int]
 
 
 class MLP(nn.Module):
@@ -113,18 +123,41 @@ class MaskDecoder(nn.Module):
         tokens (B, h*w, C) and the grid (h, w). ``iou_from_tokens`` and ``masks_from_tokens``
         finish the prediction; splitting them lets a caller skip the masks it will not keep.
         """
-        batch = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+        image = self.prepare_image(image_embeddings, image_pe, dense_prompt_embeddings)
+        return self.run_transformer_on(image, sparse_prompt_embeddings, attention_similarity, target_embedding)
 
+    def prepare_image(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+    ) -> PreparedImage:
+        """The image side of the transformer's input (shapes as in ``forward``), channels-last.
+
+        Batch 1 when the image and dense prompt are shared by all prompts: the transformer then
+        computes the first layer's image-side work once (see TwoWayTransformer), and a caller
+        decoding many prompt batches on one image can prepare it once for all of them.
+        """
         if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
             # The no-mask embedding expanded over the batch: one row stands for all.
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        # Batch 1 when the image and dense prompt are shared by all prompts: the transformer then
-        # computes the first layer's image-side projections once (see TwoWayTransformer).
         src = image_embeddings + dense_prompt_embeddings
-        tokens, image_tokens = self.transformer(src, image_pe, tokens, attention_similarity, target_embedding)
-        return tokens, image_tokens, tuple(src.shape[-2:])
+        tokens = src.flatten(2).transpose(1, 2).contiguous()
+        pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        return PreparedImage(tokens, pe, tokens + pe, tuple(src.shape[-2:]))
+
+    def run_transformer_on(
+        self,
+        image: PreparedImage,
+        sparse_prompt_embeddings: torch.Tensor,
+        attention_similarity: Optional[torch.Tensor] = None,
+        target_embedding: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``run_transformer`` on an image from ``prepare_image``."""
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+        tokens, image_tokens = self.transformer(
+            image.tokens, image.pe, tokens, attention_similarity, target_embedding, image_with_pe=image.tokens_with_pe
+        )
+        return tokens, image_tokens, image.grid
 
     def iou_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Transformer output tokens (B, T, C) -> predicted IoU of every mask token (B, num_mask_tokens)."""

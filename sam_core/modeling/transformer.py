@@ -150,8 +150,10 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         attention_similarity: Optional[torch.Tensor] = None,
+        keys_with_pe: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, T, C), keys (B, HW, C) and their positional encodings -> updated pair."""
+        """queries (B, T, C), keys (B, HW, C) and their positional encodings -> updated pair.
+        ``keys_with_pe``: keys + key_pe, when the caller has it already."""
         if self.skip_first_layer_pe:
             # The first layer replaces (not adds to) its input: the tokens already are their own PE.
             queries = self.self_attn(queries, queries, queries)
@@ -161,7 +163,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         # Both cross-attentions of a block see the same image tokens: add their PE once.
-        keys_with_pe = keys + key_pe
+        if keys_with_pe is None:
+            keys_with_pe = keys + key_pe
         attended = self.cross_attn_token_to_image.tokens_to_image(
             queries + query_pe, keys_with_pe, keys, attention_similarity
         )
@@ -195,9 +198,13 @@ class TwoWayTransformer(nn.Module):
         point_embedding: torch.Tensor,
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
+        image_with_pe: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding and image_pe (B or 1, C, h, w), point_embedding (B, T, C)
         -> (tokens (B, T, C), image tokens (B, h*w, C)).
+
+        The image and its PE may also come as tokens (B or 1, h*w, C), with ``image_with_pe``
+        their sum: a caller decoding many prompt batches on one image prepares them once.
 
         An image batch of 1 is shared by all B prompts until the first image update, so the
         first layer projects the image tokens once instead of B times (same result).
@@ -207,8 +214,8 @@ class TwoWayTransformer(nn.Module):
         added to the tokens before every layer, and, as there, also to the token positional
         encoding (the reference adds it in place to the tensor that doubles as the PE).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        keys = image_embedding.flatten(2).transpose(1, 2) if image_embedding.ndim == 4 else image_embedding
+        key_pe = image_pe.flatten(2).transpose(1, 2) if image_pe.ndim == 4 else image_pe
         query_pe = point_embedding
         if target_embedding is not None:
             query_pe = point_embedding + target_embedding
@@ -216,7 +223,9 @@ class TwoWayTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if target_embedding is not None and i > 0:
                 queries = queries + target_embedding
-            queries, keys = layer(queries, keys, query_pe, key_pe, attention_similarity)
+            queries, keys = layer(
+                queries, keys, query_pe, key_pe, attention_similarity, image_with_pe if i == 0 else None
+            )
         attended = self.final_attn_token_to_image.tokens_to_image(queries + query_pe, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attended)
         return queries, keys.expand(queries.shape[0], -1, -1)

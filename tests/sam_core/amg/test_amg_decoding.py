@@ -36,6 +36,9 @@ def test_kept_masks_equal_the_full_decoder_and_the_rest_are_skipped(model):
     assert 0 < int(keep.sum()) < len(keep)
     assert not keep.view(-1, 3).any(1).all()
     torch.testing.assert_close(logits, want_logits[keep], rtol=1e-4, atol=1e-5)
+    # Decoder calls of 5 prompts (the last one shorter) on the once-prepared image: same result.
+    for got, want in zip(decode_points(model, features, coords, threshold, step=5), (logits, iou, keep)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
