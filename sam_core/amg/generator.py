@@ -5,7 +5,9 @@ cleanup). Differences from the official generator that do not change its output:
 - the encoder runs once per batch of images/crops (``generate_batch``), not once per crop;
 - only masks that pass the predicted-IoU filter are upsampled to full resolution, in chunks
   whose size bounds memory;
-- run-length encoding is vectorised over a batch of masks.
+- run-length encoding is vectorised over a batch of masks;
+- on a CPU, glibc is asked to keep freed heap memory (``heap.keep_freed_heap_memory``,
+  process-wide): the decoder's large temporaries otherwise page-fault afresh on every call.
 ``fast=True`` additionally runs the encoder under bfloat16 autocast and the prompt encoder and
 mask decoder as bfloat16 copies: masks then differ slightly from the fp32 ones.
 """
@@ -36,6 +38,7 @@ from sam_core.amg.filters import (
     uncrop_boxes_xyxy,
 )
 from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
+from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
 from sam_core.amg.rle import masks_to_rle, rle_area, rle_to_coco, rle_to_mask
 
@@ -101,6 +104,8 @@ class AutomaticMaskGenerator:
         self.encoder_batch_size = max(1, int(encoder_batch_size))
         self.decoder_batch_size = decoder_batch_size
         self._fast_decoder = None  # bfloat16 copy of the prompt encoder and decoder, made on first use
+        if self.predictor.device.type == "cpu":
+            keep_freed_heap_memory()
 
     @property
     def model(self):
