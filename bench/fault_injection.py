@@ -38,10 +38,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+from proctree import descendants, is_annotator  # noqa: E402  (bench/ is the script directory)
 
 ACCESS_KEY = "fault-bench-access-key"
 SECRET_KEY = "fault-bench-secret-key-0123456789"
-ANNOTATOR_TITLE = "MapBatches(Annotator)"  # in the Ray process title of each annotator actor
 
 
 # --- SeaweedFS -----------------------------------------------------------------------------
@@ -145,38 +145,10 @@ class Job:
 
     def annotator_pids(self) -> list:
         """PIDs of this job's annotator actors: descendants of the driver with the actor's title."""
-        children = _children_by_parent()
-        found, stack = [], [self.process.pid]
-        while stack:
-            pid = stack.pop()
-            for child in children.get(pid, []):
-                stack.append(child)
-                if ANNOTATOR_TITLE in _cmdline(child):
-                    found.append(child)
-        return found
+        return [pid for pid in descendants(self.process.pid)[1:] if is_annotator(pid)]
 
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _children_by_parent() -> dict:
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # --- checks ------------------------------------------------------------------------------------

@@ -33,26 +33,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+from proctree import descendants, is_annotator  # noqa: E402  (bench/ is the script directory)
 
-ANNOTATOR_TITLE = "MapBatches(Annotator)"
 MIB = 1024 * 1024
-
-
-def descendants(root: int) -> list:
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
 
 
 def _kib_field(path: str, name: str) -> int:
@@ -63,13 +46,6 @@ def _kib_field(path: str, name: str) -> int:
     except OSError:
         pass
     return 0
-
-
-def _is_annotator(pid: int) -> bool:
-    try:
-        return ANNOTATOR_TITLE in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
 
 
 class Sampler(threading.Thread):
@@ -87,7 +63,7 @@ class Sampler(threading.Thread):
             pids = descendants(self.root_pid)
             tree = sum(_kib_field(f"/proc/{pid}/smaps_rollup", "Pss") for pid in pids)
             driver = _kib_field(f"/proc/{self.root_pid}/status", "VmRSS")
-            annotator = max((_kib_field(f"/proc/{p}/status", "VmRSS") for p in pids if _is_annotator(p)), default=0)
+            annotator = max((_kib_field(f"/proc/{p}/status", "VmRSS") for p in pids if is_annotator(p)), default=0)
             for key, value in (("tree_pss", tree), ("driver_rss", driver), ("annotator_rss", annotator),
                                ("processes", len(pids))):
                 self.peak[key] = max(self.peak[key], value)
