@@ -10,12 +10,10 @@ load stops the job with the loader's own message instead of failing inside every
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import Callable, List, Optional
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -24,8 +22,6 @@ from pipeline.config import AnnotateConfig
 from pipeline.redact import redact_text
 
 log = logging.getLogger(__name__)
-
-HASH_CHUNK = 8 * 1024 * 1024
 
 
 def pick_device() -> str:
@@ -60,26 +56,13 @@ def make_generator(config: AnnotateConfig, device: str):
     )
 
 
-def checkpoint_sha256(config: AnnotateConfig) -> str:
-    """sha256 of the checkpoint file (of `model.safetensors` for a Hugging Face directory)."""
-    fs, path = fsspec.core.url_to_fs(config.checkpoint, **config.storage_options)
-    if fs.isdir(path):
-        path = path.rstrip("/") + "/model.safetensors"
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_model(config: AnnotateConfig) -> str:
     """Load the checkpoint once on the driver; returns its sha256 for the run manifest.
 
     Raises the loader's ``sam_core.CheckpointError`` (missing, corrupt, wrong format, checksum
     mismatch) before any image is processed.
     """
-    load_model(config, "cpu")  # loaded and dropped: only its errors matter here
-    return checkpoint_sha256(config)
+    return load_model(config, "cpu").checkpoint_sha256  # the model itself is dropped
 
 
 class Annotator:

@@ -80,12 +80,16 @@ def load_sam(
         encoding and pixel normalisation stay fp32.
     storage_options: passed to fsspec (credentials, endpoint); never echoed in errors.
     expected_sha256: hex digest of the weights file, verified before anything is parsed.
+
+    The returned model carries ``checkpoint_sha256``, the digest of the weights file it was read
+    from (``model.safetensors`` for a Hugging Face directory), for run manifests.
     """
     shown = _display_name(source)
     target_dtype = _resolve_dtype(dtype)
     weights, hf_config_path = _locate(source, storage_options or {}, shown)
-    if expected_sha256:
-        _verify_sha256(weights, expected_sha256, shown)
+    digest = _sha256(weights)
+    if expected_sha256 and digest != expected_sha256.strip().lower():
+        raise CheckpointError(f"sha256 mismatch for {shown}: expected {expected_sha256.strip().lower()}, got {digest}")
     state_dict, is_safetensors = _read_tensors(weights, shown)
 
     config: Optional[SamConfig] = None
@@ -109,8 +113,9 @@ def load_sam(
                 f"Its first keys are {_first(sorted(state_dict))}; a SAM state dict has keys like "
                 "'image_encoder.patch_embed.proj.weight'."
             ) from None
-    model = _instantiate(config, state_dict, shown)
-    return _place(model, device, target_dtype)
+    model = _place(_instantiate(config, state_dict, shown), device, target_dtype)
+    model.checkpoint_sha256 = digest
+    return model
 
 
 def _display_name(source) -> str:
@@ -175,7 +180,8 @@ def _protocols(fs) -> tuple:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _verify_sha256(weights: _Weights, expected: str, shown: str) -> None:
+def _sha256(weights: _Weights) -> str:
+    """Hex digest of the weights file (remote files are already in memory; local ones are re-read)."""
     digest = hashlib.sha256()
     if weights.data is not None:
         digest.update(weights.data)
@@ -183,9 +189,7 @@ def _verify_sha256(weights: _Weights, expected: str, shown: str) -> None:
         with weights.fs.open(weights.path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 23), b""):
                 digest.update(chunk)
-    actual = digest.hexdigest()
-    if actual != expected.strip().lower():
-        raise CheckpointError(f"sha256 mismatch for {shown}: expected {expected.strip().lower()}, got {actual}")
+    return digest.hexdigest()
 
 
 def _is_safetensors(head: bytes) -> bool:

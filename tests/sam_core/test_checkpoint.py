@@ -80,11 +80,13 @@ def test_hf_directory_and_file_next_to_config(reference, tmp_path):
         model = load_sam(str(source))
         assert _resolved(model.config) == _resolved(tiny_config())
         _assert_same_weights(model, reference.state_dict())
+        assert model.checkpoint_sha256 == hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_sha256_verified_before_use(checkpoint):
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert load_sam(checkpoint, expected_sha256=digest.upper()) is not None
+    assert load_sam(checkpoint, expected_sha256=digest.upper()).checkpoint_sha256 == digest
+    assert load_sam(checkpoint).checkpoint_sha256 == digest  # recorded even when not checked
     with pytest.raises(CheckpointError, match=f"sha256 mismatch.*expected {'0' * 64}, got {digest}"):
         load_sam(checkpoint, expected_sha256="0" * 64)
 
@@ -273,6 +275,7 @@ def test_official_checkpoint_from_s3(s3, reference, checkpoint):
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         model = load_sam(url, storage_options=s3.storage_options, expected_sha256=digest)
         _assert_same_weights(model, reference.state_dict())
+        assert model.checkpoint_sha256 == digest
         # The session exports AWS_* as a cluster would: no storage options needed.
         _assert_same_weights(load_sam(url), reference.state_dict())
 
