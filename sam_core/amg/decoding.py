@@ -7,6 +7,7 @@ filter does not depend on the mask pixels, so skipping the others changes nothin
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -124,6 +125,42 @@ def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], im
     upscaled = F.interpolate(needed, (rows * factor, cols * factor), mode="bilinear", align_corners=False)
     upscaled = upscaled[..., : input_size[0], : input_size[1]]
     return F.interpolate(upscaled, tuple(image_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def upscale_logits_as_matmul(
+    model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]
+) -> torch.Tensor:
+    """``upscale_logits`` as two matrix products, in ``low_res``'s dtype: (N, 4G, 4G) -> (N, H, W).
+
+    Both bilinear resizes (to the padded input square, then, after cropping the padding, to the
+    image) are linear and separable, so their composition along each axis is one fixed
+    (low side, image side) matrix: logits = Rows^T @ low_res @ Cols. For the fast (bfloat16) path:
+    the products run on the CPU's bf16 matrix units, ~15x faster than the two interpolations for
+    ViT-B at 512x384 (equal to them within bf16 rounding, not bit-identical; the fp32 path keeps
+    ``upscale_logits``).
+    """
+    side = model.image_encoder.img_size
+    low_h, low_w = low_res.shape[-2:]
+    rows = _resize_matrix(low_h, side, input_size[0], image_size[0], low_res.dtype, low_res.device)
+    cols = _resize_matrix(low_w, side, input_size[1], image_size[1], low_res.dtype, low_res.device)
+    # Low-res rows/columns that only reach the padding have all-zero weights: skip them.
+    used_rows, used_cols = len(rows), len(cols)
+    return rows.T @ (low_res[:, :used_rows, :used_cols] @ cols)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_matrix(
+    low: int, side: int, valid: int, out: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """One axis of ``upscale_logits`` as a (used low-res positions, out) matrix: bilinear
+    (align_corners=False) low -> side, keep the first ``valid``, bilinear -> out. Computed by
+    resizing the identity (row i = the response to low-res position i), trimmed after the last
+    low-res position with a nonzero weight."""
+    basis = torch.eye(low, dtype=torch.float64)[None]  # (1, low, low): one basis vector per row
+    padded = F.interpolate(basis, side, mode="linear", align_corners=False)[..., :valid]
+    matrix = F.interpolate(padded, out, mode="linear", align_corners=False)[0]  # (low, out)
+    used = int(matrix.abs().sum(1).nonzero().max()) + 1
+    return matrix[:used].to(device=device, dtype=dtype).contiguous()
 
 
 def uncrop_masks(masks: torch.Tensor, crop_box: list[int], image_size: tuple[int, int]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from sam_core.amg.decoding import (
     uncrop_masks,
     upscale_chunk_size,
     upscale_logits,
+    upscale_logits_as_matmul,
 )
 from sam_core.amg.filters import (
     box_area,
@@ -240,7 +241,10 @@ class AutomaticMaskGenerator:
     def _full_res_candidates(self, low_res, iou_preds, points, input_size, crop_size, crop_box, image_size):
         """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk."""
         threshold = self.model.mask_threshold
-        logits = upscale_logits(self.model, low_res, input_size, crop_size)
+        if self.fast:  # bf16 logits from the bf16 decoder: resize them as two bf16 matrix products
+            logits = upscale_logits_as_matmul(self.model, low_res.to(torch.bfloat16), input_size, crop_size)
+        else:
+            logits = upscale_logits(self.model, low_res, input_size, crop_size)
         stability = stability_score(logits, threshold, self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:

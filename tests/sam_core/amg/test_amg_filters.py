@@ -79,3 +79,26 @@ def test_upscale_logits_is_bit_identical_to_model_postprocessing():
         ours = upscale_logits(model, low_res, input_size, original)
         reference = model.postprocess_masks(low_res[:, None], input_size, original)[:, 0]
         assert torch.equal(ours, reference), original
+
+
+def test_upscale_logits_as_matmul_equals_model_postprocessing():
+    """The fast path's resize as two matrix products: fp32 equal to the official two
+    interpolations within float rounding, bf16 within bf16 rounding of the logits."""
+    from sam_core import build_sam
+    from sam_core.amg.decoding import upscale_logits_as_matmul
+    from tests.sam_factory import tiny_config
+
+    model = build_sam(tiny_config())  # 256 input, 64x64 low-res masks
+    low_res = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0)) * 5
+    for original in [(200, 300), (230, 135), (90, 135), (256, 256), (31, 257), (1000, 7)]:
+        scale = 256 / max(original)
+        input_size = tuple(int(v * scale + 0.5) for v in original)
+        reference = model.postprocess_masks(low_res[:, None], input_size, original)[:, 0]
+        ours = upscale_logits_as_matmul(model, low_res, input_size, original)
+        assert ours.shape == reference.shape and ours.dtype == torch.float32
+        torch.testing.assert_close(ours, reference, atol=2e-4, rtol=1e-5, msg=str(original))  # weights exact vs fp32-rounded
+        fast = upscale_logits_as_matmul(model, low_res.to(torch.bfloat16), input_size, original)
+        assert fast.dtype == torch.bfloat16
+        # bf16 keeps 8 significant bits: error relative to the logits' scale (|logits| <= ~20).
+        torch.testing.assert_close(fast.float(), reference, atol=0.15, rtol=0.02, msg=str(original))
+        assert ((fast > 0) == (reference > 0)).float().mean() > 0.99
