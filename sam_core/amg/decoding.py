@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 
 def decode_points(
-    model, features: torch.Tensor, coords_input: torch.Tensor, pred_iou_thresh: float = 0.0, step: int = 0
+    model,
+    features: torch.Tensor,
+    coords_input: torch.Tensor,
+    pred_iou_thresh: float = 0.0,
+    step: int = 0,
+    logits_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multimask prediction for one foreground point per prompt, masks only where kept.
 
@@ -24,8 +29,9 @@ def decode_points(
         coords_input: (B, 2) points (x, y) in the resized-input frame.
         pred_iou_thresh: masks whose predicted IoU is not above it are dropped (none when 0).
         step: prompts per decoder call (all at once when 0); the image side is prepared once.
+        logits_dtype: dtype of the returned logits (the fast path keeps the bf16 decoder's own).
     Returns:
-        low-res logits (K, 4G, 4G) float32 of the K kept masks, IoU predictions (B * 3,) float32
+        low-res logits (K, 4G, 4G) ``logits_dtype`` of the K kept masks, IoU predictions (B * 3,) float32
         of all masks, and ``keep`` (B * 3,) bool; the three masks of a prompt consecutive.
 
     The predicted IoU comes from the transformer's IoU token, before any mask is upscaled, so
@@ -40,13 +46,13 @@ def decode_points(
     image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1])
     step = step or len(coords_input)
     parts = [
-        _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh)
+        _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
         for start in range(0, len(coords_input), step)
     ]
     return tuple(torch.cat(part) for part in zip(*parts))
 
 
-def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float):
+def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float, logits_dtype: torch.dtype):
     """``decode_points`` on one decoder batch of (B, T, C) sparse prompt embeddings."""
     tokens, image_tokens, grid = decoder.run_transformer_on(image, sparse)
     multimask = range(1, decoder.num_mask_tokens)  # token 0 is the single-mask output
@@ -55,11 +61,13 @@ def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float):
     prompts = keep.any(1)
     if not bool(prompts.any()):
         side = 4 * grid[0], 4 * grid[1]
-        return torch.empty(0, *side, device=iou.device), iou.flatten(), keep.flatten()
+        return torch.empty(0, *side, dtype=logits_dtype, device=iou.device), iou.flatten(), keep.flatten()
     if not bool(prompts.all()):
         tokens, image_tokens = tokens[prompts], image_tokens[prompts]
-    low_res = decoder.masks_from_tokens(tokens, image_tokens, grid, multimask)[keep[prompts]].float()
-    return low_res, iou.flatten(), keep.flatten()
+    low_res = decoder.masks_from_tokens(tokens, image_tokens, grid, multimask)  # (B', 3, 4G, 4G)
+    kept = keep[prompts]
+    low_res = low_res.flatten(0, 1) if bool(kept.all()) else low_res[kept]  # no copy when all are kept
+    return low_res.to(logits_dtype), iou.flatten(), keep.flatten()
 
 
 def bfloat16_decoder(model):

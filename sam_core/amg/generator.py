@@ -223,7 +223,9 @@ class AutomaticMaskGenerator:
             self.model, coords.device, len(coords), dtype=features.dtype
         )
         # The predicted-IoU filter is applied inside decode_points, before masks are upscaled.
-        low_res, iou_preds, keep = decode_points(decoder, features, coords, self.pred_iou_thresh, step)
+        low_res, iou_preds, keep = decode_points(
+            decoder, features, coords, self.pred_iou_thresh, step, logits_dtype=features.dtype
+        )
         iou_preds = iou_preds[keep]
         points = np.repeat(points, 3, axis=0)[keep.cpu().numpy()]  # three masks per prompt
 
@@ -242,14 +244,14 @@ class AutomaticMaskGenerator:
         """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk."""
         threshold = self.model.mask_threshold
         if self.fast:  # bf16 logits from the bf16 decoder: resize them as two bf16 matrix products
-            logits = upscale_logits_as_matmul(self.model, low_res.to(torch.bfloat16), input_size, crop_size)
+            logits = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size)
         else:
             logits = upscale_logits(self.model, low_res, input_size, crop_size)
         stability = stability_score(logits, threshold, self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
-        masks = logits[keep] > threshold
+        masks = (logits if bool(keep.all()) else logits[keep]) > threshold  # no copy when all are kept
         del logits
         boxes = masks_to_boxes_xyxy(masks)
         height, width = image_size
