@@ -204,24 +204,35 @@ def wait_for_first_shard(fs, job: Job, output: str) -> bool:
     return False
 
 
+def stop_for(server: SeaweedFS, outage_s: float) -> float:
+    """Stop the S3 server, keep it down for `outage_s`, start it again; returns the measured outage."""
+    server.stop()
+    stopped = time.monotonic()
+    time.sleep(outage_s)
+    server.start()
+    return time.monotonic() - stopped
+
+
+def finish_with_reruns(job: Job, job_args, output: str, env, work: Path, name: str, tail_lines: int) -> list:
+    """Wait for `job`; while it failed, rerun the same command (the documented recovery), at most twice."""
+    code = job.wait()
+    runs = [{"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(tail_lines)}]
+    for attempt in (2, 3):
+        if code == 0:
+            break
+        job = Job(job_args(output), env, work / f"{name}-{attempt}.log")
+        code = job.wait()
+        runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(tail_lines)})
+    return runs
+
+
 def scenario_s3_restart(server: SeaweedFS, job_args, env, inputs, work: Path, outage_s: float) -> dict:
     fs, output = server.filesystem(), "bench/out-s3-restart/"
-    runs, notes = [], ""
+    notes = ""
     job = Job(job_args(output), env, work / "s3-restart-1.log")
     if wait_for_first_shard(fs, job, output):
-        server.stop()
-        stopped = time.monotonic()
-        time.sleep(outage_s)
-        server.start()
-        notes = f"S3 down for {time.monotonic() - stopped:.1f}s after the first shard"
-    code = job.wait()
-    runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(4)})
-    attempt = 2
-    while code != 0 and attempt <= 3:  # the documented recovery: rerun the same command
-        job = Job(job_args(output), env, work / f"s3-restart-{attempt}.log")
-        code = job.wait()
-        runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(4)})
-        attempt += 1
+        notes = f"S3 down for {stop_for(server, outage_s):.1f}s after the first shard"
+    runs = finish_with_reruns(job, job_args, output, env, work, "s3-restart", tail_lines=4)
     rows, bad = read_output(fs, output)
     return summarise("s3-restart", inputs, rows, bad, runs, notes)
 
@@ -229,7 +240,7 @@ def scenario_s3_restart(server: SeaweedFS, job_args, env, inputs, work: Path, ou
 def scenario_s3_down_while_reading(server: SeaweedFS, job_args, env, inputs, work: Path, outage_s: float) -> dict:
     """S3 goes away as soon as the run has written its 'running' manifest, i.e. as reads start."""
     fs, output = server.filesystem(), "bench/out-s3-reads/"
-    runs, notes = [], "run ended before S3 could be stopped"
+    notes = "run ended before S3 could be stopped"
     job = Job(job_args(output), env, work / "s3-reads-1.log")
     while job.process.poll() is None:
         try:
@@ -240,19 +251,8 @@ def scenario_s3_down_while_reading(server: SeaweedFS, job_args, env, inputs, wor
             pass
         time.sleep(0.1)
     if job.process.poll() is None:
-        server.stop()
-        stopped = time.monotonic()
-        time.sleep(outage_s)
-        server.start()
-        notes = f"S3 down for {time.monotonic() - stopped:.1f}s from the start of reading"
-    code = job.wait()
-    runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(2)})
-    attempt = 2
-    while code != 0 and attempt <= 3:
-        job = Job(job_args(output), env, work / f"s3-reads-{attempt}.log")
-        code = job.wait()
-        runs.append({"exit": code, "seconds": round(job.seconds, 1), "last_lines": job.tail(2)})
-        attempt += 1
+        notes = f"S3 down for {stop_for(server, outage_s):.1f}s from the start of reading"
+    runs = finish_with_reruns(job, job_args, output, env, work, "s3-reads", tail_lines=2)
     rows, bad = read_output(fs, output)
     return summarise("s3-down-reads", inputs, rows, bad, runs, notes)
 
