@@ -28,7 +28,7 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.redact import redact_text
+from pipeline.redact import redact_text, secret_values
 
 DEFAULT_CATEGORY = "object"
 # Extra mask fields written by prompted runs (pipeline/prompted.py); absent or null in AMG runs.
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = WRITERS[args.format](args.input, args.output, args.storage_options)
     except (FileNotFoundError, PermissionError) as exc:
-        print(f"jobs.export: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"jobs.export: error: {redact_text(str(exc), secret_values(args.storage_options or {}))}", file=sys.stderr)
         return 1
     print(f"exported {counts.images} images, {counts.masks} masks as {args.format} to {args.output}"
           f" ({counts.skipped_errors} error rows skipped)")

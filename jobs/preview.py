@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from jobs.export import image_file_stem, iter_ok_rows
 from pipeline.decode import decode_image
-from pipeline.redact import redact_text
+from pipeline.redact import redact_text, secret_values
 
 OVERLAY_ALPHA = 0.5
 PROMPT_COLOR = (255, 255, 255)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = write_previews(args.input, args.output, args.n, args.storage_options)
     except (FileNotFoundError, PermissionError) as exc:
-        print(f"jobs.preview: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"jobs.preview: error: {redact_text(str(exc), secret_values(args.storage_options or {}))}", file=sys.stderr)
         return 1
     print(f"wrote {len(written)} previews to {args.output}")
     return 0
