@@ -43,7 +43,7 @@ from pipeline.decode import text_or_none
 from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
 from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
-from sam_core.amg.rle import masks_to_rle, rle_to_coco
+from sam_core.amg.rle import masks_to_rle_arrays, rle_to_coco
 
 MULTIMASK_MODES = ("auto", "always", "never")
 PROMPTS_COLUMN = "prompts_json"  # carried from the listing to the annotator next to each uri
@@ -134,7 +134,7 @@ def _decode_chunk(predictor, chunk: list[Prompt], has_box: bool, n_points: int, 
     stability = stability_score(logits, mask_threshold, stability_score_offset).cpu().tolist()
     boxes_xyxy = masks_to_boxes_xyxy(masks).cpu()
     areas = masks.sum(dim=(-2, -1)).cpu().tolist()
-    rles = masks_to_rle(masks)  # run lengths found on the device; only they cross to the host
+    rles = masks_to_rle_arrays(masks)  # run lengths found on the device; only they cross to the host
     height, width = original_size
     return [
         {

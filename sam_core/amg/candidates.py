@@ -14,7 +14,7 @@ class MaskCandidates:
 
     iou_preds (N,) float32, stability_scores (N,) float32, points (N, 2) float64 prompt (x, y),
     boxes (N, 4) int64 XYXY, crop_boxes (N, 4) int64 XYXY, rles: N uncompressed RLEs at full
-    image size.
+    image size, with uint32 array counts (``masks_to_rle_arrays``).
     """
 
     iou_preds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))

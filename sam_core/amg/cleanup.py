@@ -7,7 +7,7 @@ from sam_core.amg.candidates import MaskCandidates
 from sam_core.amg.components import remove_small_regions
 from sam_core.amg.filters import masks_to_boxes_xyxy
 from sam_core.amg.nms import box_nms
-from sam_core.amg.rle import masks_to_rle, rle_to_mask
+from sam_core.amg.rle import masks_to_rle_arrays, rle_to_mask
 
 
 def clean_small_regions(candidates: MaskCandidates, min_area: int, nms_thresh: float) -> MaskCandidates:
@@ -28,7 +28,7 @@ def clean_small_regions(candidates: MaskCandidates, min_area: int, nms_thresh: f
         mask_t = torch.from_numpy(mask)
         new_boxes.append(masks_to_boxes_xyxy(mask_t))
         if changed:  # kept as RLE: bounded memory however many masks changed
-            new_rles[i] = masks_to_rle(mask_t[None])[0]
+            new_rles[i] = masks_to_rle_arrays(mask_t[None])[0]
     boxes = torch.stack(new_boxes)
     keep = box_nms(boxes.float(), torch.tensor(unchanged), nms_thresh)
 

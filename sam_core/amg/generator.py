@@ -41,7 +41,7 @@ from sam_core.amg.filters import (
 from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
 from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
-from sam_core.amg.rle import masks_to_rle, rle_area, rle_to_coco, rle_to_mask
+from sam_core.amg.rle import masks_to_rle_arrays, rle_area, rle_to_coco, rle_to_mask, with_list_counts
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -171,7 +171,7 @@ class AutomaticMaskGenerator:
         elif self.output_mode == "binary_mask":
             segmentations = [rle_to_mask(rle) for rle in data.rles]
         else:
-            segmentations = data.rles
+            segmentations = [with_list_counts(rle) for rle in data.rles]
         return [
             {
                 "segmentation": segmentation,
@@ -264,5 +264,5 @@ class AutomaticMaskGenerator:
             points=points[keep_index.cpu().numpy()],
             boxes=boxes.cpu(),
             crop_boxes=torch.zeros(len(boxes), 4, dtype=torch.int64),
-            rles=masks_to_rle(uncrop_masks(masks, crop_box, image_size)),  # change points found on-device
+            rles=masks_to_rle_arrays(uncrop_masks(masks, crop_box, image_size)),  # change points found on-device
         )

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.amg.rle import masks_to_rle, rle_area, rle_to_coco, rle_to_mask
+from sam_core.amg.rle import masks_to_rle, masks_to_rle_arrays, rle_area, rle_to_coco, rle_to_mask
 
 
 def _random_masks(seed, batch=12, height=23, width=31):
@@ -18,6 +18,17 @@ def _random_masks(seed, batch=12, height=23, width=31):
 def test_rle_by_hand():
     mask = torch.tensor([[[True, False], [True, True]]])  # column-major: 1, 1, 0, 1
     assert masks_to_rle(mask) == [{"size": [2, 2], "counts": [0, 2, 1, 1]}]
+
+
+def test_array_counts_equal_list_counts_and_decode_alike():
+    masks = _random_masks(2)
+    masks[2, 0, 0] = True  # a mask starting with a run of ones
+    for as_array, as_list, mask in zip(masks_to_rle_arrays(masks), masks_to_rle(masks), masks):
+        assert as_array["counts"].dtype == np.uint32
+        assert as_array["counts"].tolist() == as_list["counts"]
+        assert rle_area(as_array) == rle_area(as_list) == int(mask.sum())
+        np.testing.assert_array_equal(rle_to_mask(as_array), mask.numpy())
+        assert rle_to_coco(as_array) == rle_to_coco(as_list)
 
 
 def test_round_trip_and_area():
