@@ -184,11 +184,26 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in mask_indices], dim=1
         )  # (B, M, C/8)
-        masks = x.reshape(batch, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
-        h, w = grid
-        # Output row 4i + 2ki + li, column 4j + 2kj + lj.
-        masks = masks.view(batch, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(batch, -1, 4 * h, 4 * w)
+        masks = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)  # (B, M, h*w*16)
+        return _blocks_to_raster(masks, grid)
+
+
+def _blocks_to_raster(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, M, h*w*16) logits ordered (i, j, ki, kj, li, lj) -> (B, M, 4h, 4w) with output row
+    4i + 2ki + li and column 4j + 2kj + lj.
+
+    The last index (lj) stays innermost, so each pair of neighbouring values moves as one
+    integer twice their width: a plain 8-d permute of 2-byte values measured ~9x slower.
+    """
+    batch, count = masks.shape[:2]
+    h, w = grid
+    pair = {2: torch.int32, 4: torch.int64}.get(masks.element_size())
+    if pair is None:
+        blocks = masks.view(batch, count, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return blocks.reshape(batch, count, 4 * h, 4 * w)
+    pairs = masks.view(pair).view(batch, count, h, w, 2, 2, 2)  # (..., ki, kj, li), lj folded in
+    raster = pairs.permute(0, 1, 2, 4, 6, 3, 5).reshape(batch, count, 4 * h, 2 * w)
+    return raster.view(masks.dtype)
 
 
 def _activate(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:

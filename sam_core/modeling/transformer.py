@@ -62,10 +62,13 @@ class Attention(nn.Module):
         image_keys: torch.Tensor,
         image_values: torch.Tensor,
         attention_bias: Optional[torch.Tensor] = None,
+        image_keys_pe: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Same as ``forward(tokens, image_keys, image_values, attention_bias)`` for few queries.
+        """Same as ``forward(tokens, image_keys + image_keys_pe, image_values, attention_bias)`` for
+        few queries.
 
-        tokens (B, T, C); image_keys and image_values (B or 1, N, C) with T << N -> (B, T, C).
+        tokens (B, T, C); image_keys and image_values (B or 1, N, C) with T << N, image_keys_pe
+        (1, N, C) or None -> (B, T, C).
 
         Low rank: instead of projecting all N image tokens (per prompt), the key projection is
         folded into the T queries and the value projection applied after the weighted sum:
@@ -78,10 +81,7 @@ class Attention(nn.Module):
         q = self._split_heads(self.q_proj(tokens))  # (B, H, T, d)
         q = q * q.shape[-1] ** -0.5
         q_image = (q @ self._per_head(self.k_proj.weight)).reshape(batch, heads * n_tokens, channels)
-        if image_keys.shape[0] == 1:  # shared image: one GEMM for all prompts
-            scores = (q_image.reshape(-1, channels) @ image_keys[0].T).view(batch, heads * n_tokens, -1)
-        else:
-            scores = q_image @ image_keys.transpose(1, 2)  # (B, H*T, N)
+        scores = _scores_against_image(q_image, image_keys, image_keys_pe)  # (B, H*T, N)
         if attention_bias is not None:
             scores = (scores.view(batch, heads, n_tokens, -1) + attention_bias.to(scores.dtype)).flatten(1, 2)
         probs = scores.softmax(-1)
@@ -94,11 +94,18 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, self.internal_dim))
 
     def image_to_tokens(
-        self, image_queries: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor, residual: torch.Tensor
+        self,
+        image_queries: torch.Tensor,
+        tokens_k: torch.Tensor,
+        tokens_v: torch.Tensor,
+        residual: torch.Tensor,
+        image_queries_pe: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``residual + forward(image_queries, tokens_k, tokens_v)`` for few keys, in low rank.
+        """``residual + forward(image_queries + image_queries_pe, tokens_k, tokens_v)`` for few keys,
+        in low rank.
 
-        image_queries and residual (B or 1, N, C); tokens_k and tokens_v (B, T, C) -> (B, N, C).
+        image_queries and residual (B or 1, N, C), image_queries_pe (1, N, C) or None; tokens_k
+        and tokens_v (B, T, C) -> (B, N, C).
 
         With T << N the query and output projections of the N image tokens are folded into the
         tokens: logits x . (Wq_h^T k_h) + bq_h . k_h, and out = sum_h P_h (v_h Wo_h^T) + bo, so the
@@ -116,14 +123,43 @@ class Attention(nn.Module):
         k_bias = (k @ self.q_proj.bias.view(heads, head_dim, 1)).reshape(batch, heads * n_tokens, 1)
         # Logits laid out (B, H, T, N): the softmax over the T tokens then runs along the long,
         # contiguous N axis (a softmax over a last dim of ~7 is several times slower).
-        if image_queries.shape[0] == 1:  # shared image: one GEMM for all prompts
-            scores = torch.addmm(k_bias.view(-1, 1), image_side_k.view(-1, channels), image_queries[0].T)
-        else:
-            scores = torch.baddbmm(k_bias, image_side_k, image_queries.transpose(1, 2))
+        scores = _scores_against_image(image_side_k, image_queries, image_queries_pe, k_bias)
         probs = scores.view(batch, heads, n_tokens, -1).softmax(2).view(batch, heads * n_tokens, -1)
         out_proj_t = self.out_proj.weight.T.reshape(heads, head_dim, channels)  # (H, d, C)
         values = v @ out_proj_t + self.out_proj.bias / heads  # (B, H, T, C)
         return torch.baddbmm(residual, probs.transpose(1, 2), values.reshape(batch, heads * n_tokens, channels))
+
+
+def _scores_against_image(
+    queries: torch.Tensor,
+    image: torch.Tensor,
+    image_pe: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """queries (B, Q, C) . (image + image_pe) (B or 1, N, C) per image token, plus bias (B, Q, 1)
+    -> (B, Q, N).
+
+    A shared image (batch 1) is one GEMM for all prompts. A per-prompt image is never added to
+    its (shared) PE: queries . pe is one shared GEMM, accumulated into the per-prompt product,
+    which reads the (B, N, C) image once instead of writing and re-reading a sum of that size.
+    """
+    batch, n_queries, channels = queries.shape
+    if image_pe is not None and image.shape[0] == 1:
+        image, image_pe = image + image_pe, None
+    flat = queries.reshape(-1, channels)
+    if image.shape[0] == 1:
+        shared, image = image[0], None
+    elif image_pe is not None:
+        shared = image_pe[0]
+    else:
+        shared = None
+    if shared is not None:
+        scores = flat @ shared.T if bias is None else torch.addmm(bias.reshape(-1, 1), flat, shared.T)
+        scores = scores.view(batch, n_queries, -1)
+        return scores if image is None else torch.baddbmm(scores, queries, image.transpose(1, 2))
+    if bias is None:
+        return queries @ image.transpose(1, 2)
+    return torch.baddbmm(bias, queries, image.transpose(1, 2))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -162,17 +198,19 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        # Both cross-attentions of a block see the same image tokens: add their PE once.
-        if keys_with_pe is None:
-            keys_with_pe = keys + key_pe
+        # Both cross-attentions see the image tokens plus their PE: given as keys_with_pe, or as
+        # the two parts (the attention then never forms their sum per prompt).
+        image, image_pe = (keys, key_pe) if keys_with_pe is None else (keys_with_pe, None)
         attended = self.cross_attn_token_to_image.tokens_to_image(
-            queries + query_pe, keys_with_pe, keys, attention_similarity
+            queries + query_pe, image, keys, attention_similarity, image_keys_pe=image_pe
         )
         queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
 
         keys = self.norm4(
-            self.cross_attn_image_to_token.image_to_tokens(keys_with_pe, queries + query_pe, queries, residual=keys)
+            self.cross_attn_image_to_token.image_to_tokens(
+                image, queries + query_pe, queries, residual=keys, image_queries_pe=image_pe
+            )
         )
         return queries, keys
 
@@ -226,6 +264,6 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(
                 queries, keys, query_pe, key_pe, attention_similarity, image_with_pe if i == 0 else None
             )
-        attended = self.final_attn_token_to_image.tokens_to_image(queries + query_pe, keys + key_pe, keys)
+        attended = self.final_attn_token_to_image.tokens_to_image(queries + query_pe, keys, keys, image_keys_pe=key_pe)
         queries = self.norm_final_attn(queries + attended)
         return queries, keys.expand(queries.shape[0], -1, -1)
