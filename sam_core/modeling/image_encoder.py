@@ -69,8 +69,10 @@ def decomposed_rel_pos_bias(
     table_h = relative_position_table(qh, kh, rel_pos_h).to(q.dtype)  # (qh, kh, hd)
     table_w = relative_position_table(qw, kw, rel_pos_w).to(q.dtype)  # (qw, kw, hd)
     grid_q = q.reshape(b, heads, qh, qw, hd)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)  # (B, heads, qh, qw, kh)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)  # (B, heads, qh, qw, kw)
+    # einsum may return permuted strides; the broadcast sum would follow them and the reshape
+    # below would then copy the whole (qh*qw, kh*kw) bias once more. The factors are small.
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).contiguous()  # (B, heads, qh, qw, kh)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).contiguous()  # (B, heads, qh, qw, kw)
     bias = bias_h[..., :, None] + bias_w[..., None, :]
     return bias.reshape(b, heads, qh * qw, kh * kw)
 
