@@ -136,9 +136,10 @@ def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], im
 
 
 def upscale_logits_as_matmul(
-    model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]
+    model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int], transposed: bool = False
 ) -> torch.Tensor:
-    """``upscale_logits`` as two matrix products, in ``low_res``'s dtype: (N, 4G, 4G) -> (N, H, W).
+    """``upscale_logits`` as two matrix products, in ``low_res``'s dtype: (N, 4G, 4G) -> (N, H, W),
+    or, with ``transposed``, its transpose (N, W, H) at no extra cost (contiguous, for RLE).
 
     Both bilinear resizes (to the padded input square, then, after cropping the padding, to the
     image) are linear and separable, so their composition along each axis is one fixed
@@ -151,9 +152,11 @@ def upscale_logits_as_matmul(
     low_h, low_w = low_res.shape[-2:]
     rows = _resize_matrix(low_h, side, input_size[0], image_size[0], low_res.dtype, low_res.device)
     cols = _resize_matrix(low_w, side, input_size[1], image_size[1], low_res.dtype, low_res.device)
-    # Low-res rows/columns that only reach the padding have all-zero weights: skip them.
-    used_rows, used_cols = len(rows), len(cols)
-    return rows.T @ (low_res[:, :used_rows, :used_cols] @ cols)
+    # Low-res rows/columns that only reach the padding have all-zero weights (trimmed): skip them.
+    low_res = low_res[:, : len(rows), : len(cols)]
+    if transposed:
+        return cols.T @ (low_res.transpose(1, 2) @ rows)
+    return rows.T @ (low_res @ cols)
 
 
 @functools.lru_cache(maxsize=16)
@@ -171,10 +174,15 @@ def _resize_matrix(
     return matrix[:used].to(device=device, dtype=dtype).contiguous()
 
 
-def uncrop_masks(masks: torch.Tensor, crop_box: list[int], image_size: tuple[int, int]) -> torch.Tensor:
-    """Place (N, h, w) crop masks into (N, H, W) zero masks of the full image."""
+def uncrop_masks(
+    masks: torch.Tensor, crop_box: list[int], image_size: tuple[int, int], transposed: bool = False
+) -> torch.Tensor:
+    """Place (N, h, w) crop masks into (N, H, W) zero masks of the full image; with
+    ``transposed``, (N, w, h) masks into (N, W, H)."""
     height, width = image_size
     x0, y0, x1, y1 = crop_box
+    if transposed:
+        (height, width), (x0, y0, x1, y1) = (width, height), (y0, x0, y1, x1)
     if (x0, y0, x1, y1) == (0, 0, width, height):
         return masks
     full = torch.zeros(len(masks), height, width, dtype=torch.bool, device=masks.device)

@@ -41,7 +41,7 @@ from sam_core.amg.filters import (
 from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
 from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
-from sam_core.amg.rle import masks_to_rle_arrays, rle_area, rle_to_coco, rle_to_mask, with_list_counts
+from sam_core.amg.rle import rle_area, rle_to_coco, rle_to_mask, transposed_masks_to_rle_arrays, with_list_counts
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -241,28 +241,32 @@ class AutomaticMaskGenerator:
         return MaskCandidates.concat(parts)
 
     def _full_res_candidates(self, low_res, iou_preds, points, input_size, crop_size, crop_box, image_size):
-        """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk."""
+        """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk.
+
+        The masks are handled transposed, (N, W, H): RLE runs down the columns, and the fast
+        path's matrix-product resize yields that layout directly (the fp32 path's is a view).
+        """
         threshold = self.model.mask_threshold
         if self.fast:  # bf16 logits from the bf16 decoder: resize them as two bf16 matrix products
-            logits = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size)
+            logits_t = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size, transposed=True)
         else:
-            logits = upscale_logits(self.model, low_res, input_size, crop_size)
-        stability = stability_score(logits, threshold, self.stability_score_offset)
+            logits_t = upscale_logits(self.model, low_res, input_size, crop_size).transpose(1, 2)
+        stability = stability_score(logits_t, threshold, self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
-        masks = (logits if bool(keep.all()) else logits[keep]) > threshold  # no copy when all are kept
-        del logits
-        boxes = masks_to_boxes_xyxy(masks)
+        masks_t = (logits_t if bool(keep.all()) else logits_t[keep]) > threshold  # no copy when all are kept
+        del logits_t
+        boxes = masks_to_boxes_xyxy(masks_t)[:, [1, 0, 3, 2]]  # back from transposed (y, x) order
         height, width = image_size
         not_cut = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
         keep_index = keep.nonzero(as_tuple=True)[0][not_cut]
-        masks, boxes = masks[not_cut], boxes[not_cut]
+        masks_t, boxes = masks_t[not_cut], boxes[not_cut]
         return MaskCandidates(
             iou_preds=iou_preds[keep_index].cpu(),
             stability_scores=stability[keep_index].cpu(),
             points=points[keep_index.cpu().numpy()],
             boxes=boxes.cpu(),
             crop_boxes=torch.zeros(len(boxes), 4, dtype=torch.int64),
-            rles=masks_to_rle_arrays(uncrop_masks(masks, crop_box, image_size)),  # change points found on-device
+            rles=transposed_masks_to_rle_arrays(uncrop_masks(masks_t, crop_box, image_size, transposed=True)),
         )

@@ -30,37 +30,40 @@ def with_list_counts(rle: dict[str, Any]) -> dict[str, Any]:
 
 
 def masks_to_rle_arrays(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """Encode a batch of masks in one vectorised pass.
+    """Encode a batch of (B, H, W) bool masks; counts are uint32 NumPy arrays."""
+    return transposed_masks_to_rle_arrays(masks.transpose(1, 2))
 
-    Args:
-        masks: (B, H, W) bool.
-    Returns:
-        B uncompressed RLE dicts whose counts are uint32 NumPy arrays.
+
+def transposed_masks_to_rle_arrays(masks_t: torch.Tensor) -> list[dict[str, Any]]:
+    """``masks_to_rle_arrays`` for masks given transposed, (B, W, H): RLE runs down the columns,
+    so a contiguous transposed batch is already in run order and needs no copy.
+
+    One vectorised pass finds every change point of the batch; only those leave the device.
     """
-    batch, height, width = masks.shape
+    batch, width, height = masks_t.shape
     if batch == 0:
         return []
-    flat = masks.transpose(1, 2).reshape(batch, height * width)
-    changes = flat[:, 1:] != flat[:, :-1]
-    mask_index, position = changes.nonzero(as_tuple=True)
-    per_mask = torch.bincount(mask_index, minlength=batch).cpu().numpy()
-    run_starts = (position + 1).cpu().numpy()  # every run but each mask's first, masks end to end
+    flat = masks_t.reshape(batch, width * height)
+    span = width * height - 1  # change slots per mask
+    hits = (flat[:, 1:] != flat[:, :-1]).view(-1).nonzero().view(-1)  # mask * span + slot, ascending
+    per_mask = torch.searchsorted(hits, torch.arange(batch + 1, device=hits.device) * span)
+    hits, per_mask = hits.cpu().numpy(), per_mask.cpu().numpy()
     starts_with_one = flat[:, 0].cpu().numpy()
-    # Run lengths between consecutive starts; a mask's first start counts from 0.
-    lengths = np.diff(run_starts, prepend=0)
-    offsets = np.concatenate(([0], np.cumsum(per_mask)))
-    first = offsets[:-1][per_mask > 0]
-    lengths[first] = run_starts[first]
-    total = height * width
+    # Run lengths between consecutive change points; a mask's first run starts at its pixel 0.
+    lengths = np.diff(hits, prepend=0)
+    mask_base = np.arange(batch) * span - 1  # hit - base = the pixel that starts a new run
+    firsts = per_mask[:-1][per_mask[1:] > per_mask[:-1]]
+    lengths[firsts] = hits[firsts] - mask_base[per_mask[1:] > per_mask[:-1]]
+    total = width * height
     size = [int(height), int(width)]
     out = []
     for i in range(batch):
-        begin, end = offsets[i], offsets[i + 1]
+        begin, end = per_mask[i], per_mask[i + 1]
         lead = int(starts_with_one[i])  # an empty run of zeros comes first
         counts = np.empty(lead + end - begin + 1, dtype=np.uint32)
         counts[:lead] = 0
         counts[lead:-1] = lengths[begin:end]
-        counts[-1] = total - (run_starts[end - 1] if end > begin else 0)
+        counts[-1] = total - (hits[end - 1] - mask_base[i] if end > begin else 0)
         out.append({"size": size, "counts": counts})
     return out
 

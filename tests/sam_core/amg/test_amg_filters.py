@@ -63,7 +63,10 @@ def test_uncrop_masks_matches_oracle():
 
     masks = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) > 0.5
     for crop in ([5, 7, 35, 27], [0, 0, 30, 20], [0, 3, 30, 23]):
-        assert torch.equal(uncrop_masks(masks, crop, (40, 50)), amg.uncrop_masks(masks, crop, 40, 50))
+        expected = amg.uncrop_masks(masks, crop, 40, 50)
+        assert torch.equal(uncrop_masks(masks, crop, (40, 50)), expected)
+        transposed = uncrop_masks(masks.transpose(1, 2), crop, (40, 50), transposed=True)
+        assert torch.equal(transposed, expected.transpose(1, 2))
 
 
 def test_upscale_logits_is_bit_identical_to_model_postprocessing():
@@ -99,6 +102,9 @@ def test_upscale_logits_as_matmul_equals_model_postprocessing():
         torch.testing.assert_close(ours, reference, atol=2e-4, rtol=1e-5, msg=str(original))  # weights exact vs fp32-rounded
         fast = upscale_logits_as_matmul(model, low_res.to(torch.bfloat16), input_size, original)
         assert fast.dtype == torch.bfloat16
+        fast_t = upscale_logits_as_matmul(model, low_res.to(torch.bfloat16), input_size, original, transposed=True)
+        assert fast_t.is_contiguous()
+        torch.testing.assert_close(fast_t.float(), fast.transpose(1, 2).float(), atol=0.06, rtol=0.01)
         # bf16 keeps 8 significant bits: error relative to the logits' scale (|logits| <= ~20).
         torch.testing.assert_close(fast.float(), reference, atol=0.15, rtol=0.02, msg=str(original))
         assert ((fast > 0) == (reference > 0)).float().mean() > 0.99

@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.amg.rle import masks_to_rle, masks_to_rle_arrays, rle_area, rle_to_coco, rle_to_mask
+from sam_core.amg.rle import (
+    masks_to_rle,
+    masks_to_rle_arrays,
+    rle_area,
+    rle_to_coco,
+    rle_to_mask,
+    transposed_masks_to_rle_arrays,
+)
 
 
 def _random_masks(seed, batch=12, height=23, width=31):
@@ -29,6 +36,18 @@ def test_array_counts_equal_list_counts_and_decode_alike():
         assert rle_area(as_array) == rle_area(as_list) == int(mask.sum())
         np.testing.assert_array_equal(rle_to_mask(as_array), mask.numpy())
         assert rle_to_coco(as_array) == rle_to_coco(as_list)
+
+
+def test_transposed_input_gives_the_same_runs():
+    masks = _random_masks(3)
+    masks[4] = False
+    masks[4, -1, -1] = True  # a single run of ones at the very end
+    direct = masks_to_rle_arrays(masks)
+    transposed = transposed_masks_to_rle_arrays(masks.transpose(1, 2).contiguous())
+    assert [r["size"] for r in transposed] == [r["size"] for r in direct]
+    for a, b in zip(direct, transposed):
+        np.testing.assert_array_equal(a["counts"], b["counts"])
+    assert direct[4]["counts"].tolist() == [23 * 31 - 1, 1]
 
 
 def test_round_trip_and_area():
