@@ -1,6 +1,7 @@
 """Benchmark: our AutomaticMaskGenerator against segment-anything's, same weights, same photo.
 
-    python bench/amg_bench.py                       # ViT-B-shaped random model, 512x512-ish photo, 32x32 grid
+    python bench/amg_bench.py                       # ViT-B-shaped random model, 512x384 photo, 32x32 grid
+    python bench/amg_bench.py --square              # the same on a 512x512 photo
     python bench/amg_bench.py --encoder tiny --points-per-side 8 --repeat 2   # a quick check
 
 Both generators run in this process on identical random weights (the official model built by
@@ -32,12 +33,17 @@ VIT_B = dict(
 )
 
 
-def photo(side: int) -> np.ndarray:
-    """scikit-image's coffee photo resized to about side x side (kept non-square: 4:3)."""
+def photo(side: int, square: bool = False) -> np.ndarray:
+    """scikit-image's coffee photo resized to side x (3/4 side), its own 4:3 shape, or with
+    ``square`` its centre square resized to side x side."""
     import skimage.data
     from PIL import Image
 
     image = Image.fromarray(skimage.data.coffee())
+    if square:
+        width, height = image.size
+        left = (width - height) // 2
+        return np.asarray(image.crop((left, 0, left + height, height)).resize((side, side), Image.BILINEAR))
     return np.asarray(image.resize((side, side * 3 // 4), Image.BILINEAR))
 
 
@@ -70,6 +76,7 @@ def main() -> None:
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--image-side", type=int, default=512)
+    parser.add_argument("--square", action="store_true", help="a side x side photo instead of 4:3")
     parser.add_argument("--repeat", type=int, default=1, help="runs per generator; the best time is reported")
     parser.add_argument("--pred-iou-thresh", type=float, default=0.0)
     parser.add_argument("--stability-thresh", type=float, default=0.0)
@@ -85,7 +92,7 @@ def main() -> None:
 
     from sam_core import AutomaticMaskGenerator
 
-    image = photo(args.image_side)
+    image = photo(args.image_side, args.square)
     ref_model, our_model = models(args.encoder)
     kwargs = dict(
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
