@@ -153,10 +153,10 @@ def upscale_logits_as_matmul(
     rows = _resize_matrix(low_h, side, input_size[0], image_size[0], low_res.dtype, low_res.device)
     cols = _resize_matrix(low_w, side, input_size[1], image_size[1], low_res.dtype, low_res.device)
     # Low-res rows/columns that only reach the padding have all-zero weights (trimmed): skip them.
-    low_res = low_res[:, : len(rows), : len(cols)]
-    if transposed:
-        return cols.T @ (low_res.transpose(1, 2) @ rows)
-    return rows.T @ (low_res @ cols)
+    resized_cols = low_res[:, : len(rows), : len(cols)] @ cols
+    if transposed:  # (Rows^T X)^T = X^T Rows: the same products, so the same bf16 roundings
+        return resized_cols.transpose(1, 2) @ rows
+    return rows.T @ resized_cols
 
 
 @functools.lru_cache(maxsize=16)

@@ -26,9 +26,9 @@ def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) 
 
 def count_above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Number of pixels above ``threshold`` per mask: (..., H, W) -> (...) int32."""
-    # Per-row int16 partial sums keep the intermediate small; a row never exceeds 32767 pixels
-    # for images up to that width.
-    return (logits > threshold).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    # Partial sums along the last axis in int16 keep the intermediate small, where it fits.
+    partial = torch.int16 if logits.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+    return (logits > threshold).sum(-1, dtype=partial).sum(-1, dtype=torch.int32)
 
 
 def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:

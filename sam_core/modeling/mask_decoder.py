@@ -193,12 +193,13 @@ def _blocks_to_raster(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     4i + 2ki + li and column 4j + 2kj + lj.
 
     The last index (lj) stays innermost, so each pair of neighbouring values moves as one
-    integer twice their width: a plain 8-d permute of 2-byte values measured ~9x slower.
+    integer twice their width: a plain 8-d permute of 2-byte values measured ~9x slower. The
+    integer view has no gradient, so a tensor that needs one takes the plain permute.
     """
     batch, count = masks.shape[:2]
     h, w = grid
     pair = {2: torch.int32, 4: torch.int64}.get(masks.element_size())
-    if pair is None:
+    if pair is None or masks.requires_grad:
         blocks = masks.view(batch, count, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return blocks.reshape(batch, count, 4 * h, 4 * w)
     pairs = masks.view(pair).view(batch, count, h, w, 2, 2, 2)  # (..., ki, kj, li), lj folded in

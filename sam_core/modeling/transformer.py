@@ -136,15 +136,15 @@ def _scores_against_image(
     image_pe: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """queries (B, Q, C) . (image + image_pe) (B or 1, N, C) per image token, plus bias (B, Q, 1)
-    -> (B, Q, N).
+    """queries (B, Q, C) . (image + image_pe) per image token, plus bias (B, Q, 1) -> (B, Q, N);
+    image and image_pe (B or 1, N, C).
 
     A shared image (batch 1) is one GEMM for all prompts. A per-prompt image is never added to
-    its (shared) PE: queries . pe is one shared GEMM, accumulated into the per-prompt product,
+    a shared PE: queries . pe is one shared GEMM, accumulated into the per-prompt product,
     which reads the (B, N, C) image once instead of writing and re-reading a sum of that size.
     """
     batch, n_queries, channels = queries.shape
-    if image_pe is not None and image.shape[0] == 1:
+    if image_pe is not None and (image.shape[0] == 1 or image_pe.shape[0] > 1):
         image, image_pe = image + image_pe, None
     flat = queries.reshape(-1, channels)
     if image.shape[0] == 1:

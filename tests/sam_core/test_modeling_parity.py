@@ -3,6 +3,8 @@
 Every reference model has every parameter perturbed (tests/sam_factory.py), so zero-initialised
 tensors (position embeddings, biases) take part. fp32 outputs must agree within 1e-3.
 """
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,48 @@ def test_one_image_embedding_per_prompt_equals_shared_embedding(models):
         expected_logits, expected_iou = reference.mask_decoder(images[i : i + 1], dense_pe, s, d, True)
         _close(logits[i : i + 1], expected_logits)
         _close(iou[i : i + 1], expected_iou)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("image_rows", [1, 3])
+def test_transformer_with_a_positional_encoding_per_row(models, image_rows):
+    """The two-way transformer also takes one PE per prompt (as the reference does), with a
+    shared or a per-prompt image."""
+    reference, ours = models
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(image_rows, 32, 16, 16, generator=gen)
+    pe = torch.randn(3, 32, 16, 16, generator=gen)
+    tokens = torch.randn(3, 5, 32, generator=gen)
+    expected_tokens, expected_image = reference.mask_decoder.transformer(image.expand(3, -1, -1, -1), pe, tokens)
+    got_tokens, got_image = ours.mask_decoder.transformer(image, pe, tokens)
+    _close(got_tokens, expected_tokens, atol=1e-4)
+    _close(got_image, expected_image, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_gradients_match_reference(models, dtype):
+    """Training through our decoder (e.g. fine-tuning its head) sees the reference's gradients."""
+    reference, ours = models
+    gen = torch.Generator().manual_seed(2)
+    image = torch.randn(1, 32, 16, 16, generator=gen)
+    points = (torch.rand(2, 1, 2, generator=gen) * 256, torch.ones(2, 1, dtype=torch.int))
+    grads = []
+    for model in (reference, ours):
+        decoder = copy.deepcopy(model.mask_decoder).to(dtype)  # the module-scoped models stay as they are
+        with torch.no_grad():
+            sparse, dense = model.prompt_encoder(points, None, None)
+        logits, _ = decoder(
+            image.to(dtype), model.prompt_encoder.get_dense_pe().to(dtype), sparse.to(dtype), dense.to(dtype), True
+        )
+        logits.float().square().mean().backward()
+        grads.append(decoder.output_hypernetworks_mlps[1].layers[0].weight.grad.float())
+    assert grads[1].abs().max() > 0  # gradients reach the hypernetwork
+    if dtype == torch.float32:
+        scale = grads[0].abs().max().item()
+        _close(grads[1] / scale, grads[0] / scale, atol=1e-4)
+    else:  # bf16 backward rounds coarsely on both sides: same direction, not same digits
+        cosine = torch.nn.functional.cosine_similarity(grads[1].flatten(), grads[0].flatten(), dim=0)
+        assert cosine > 0.98, cosine
 
 
 @torch.no_grad()
