@@ -68,7 +68,7 @@ class Attention(nn.Module):
         few queries.
 
         tokens (B, T, C); image_keys and image_values (B or 1, N, C) with T << N, image_keys_pe
-        (1, N, C) or None -> (B, T, C).
+        (B or 1, N, C) or None -> (B, T, C).
 
         Low rank: instead of projecting all N image tokens (per prompt), the key projection is
         folded into the T queries and the value projection applied after the weighted sum:
@@ -104,7 +104,7 @@ class Attention(nn.Module):
         """``residual + forward(image_queries + image_queries_pe, tokens_k, tokens_v)`` for few keys,
         in low rank.
 
-        image_queries and residual (B or 1, N, C), image_queries_pe (1, N, C) or None; tokens_k
+        image_queries and residual (B or 1, N, C), image_queries_pe (B or 1, N, C) or None; tokens_k
         and tokens_v (B, T, C) -> (B, N, C).
 
         With T << N the query and output projections of the N image tokens are folded into the
