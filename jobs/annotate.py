@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--fast", action="store_true",
                        help="bfloat16 autocast on GPU actors: faster, near-identical masks (ignored on CPU)")
     scale.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per encoder batch")
-    scale.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard, help="rows per Parquet file")
+    scale.add_argument("--unit-size", type=int, default=defaults.unit_size,
+                       help="images per unit of work (one commit record each: what a rerun redoes at most)")
+    scale.add_argument("--rows-per-file", "--rows-per-shard", dest="rows_per_file", type=int,
+                       default=defaults.rows_per_file, help="most rows in one Parquet file")
     scale.add_argument("--ray-address", help="Ray cluster to join; default RAY_ADDRESS or a local Ray")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -66,47 +66,63 @@ def check_model(config: AnnotateConfig) -> str:
 
 
 class Annotator:
-    """Ray Data actor: a batch of decoded rows (numpy format) -> a pyarrow table of output rows.
+    """Ray Data actor: a batch of decoded images (numpy format) -> a pyarrow table of output rows.
 
-    Input columns (from ``pipeline.decode.decode_batch``): ``uri``, ``image`` (HxWx3 uint8),
-    ``width``, ``height``, ``status``, ``error``, ``image_sha256``, ``decode_s``, optional ``read_s``.
-    Output: exactly ``schema.OUTPUT_SCHEMA``, one row per input row.
+    The job's use (``pipeline.run``) feeds it the rows of ``pipeline.decode.decode_batch``: ``uri``,
+    ``image`` (HxWx3 uint8), ``width``, ``height``, ``status``, ``error``, ``image_sha256``,
+    ``decode_s``, optional ``read_s``. Any Dataset of images works too: only ``image`` is required
+    (``ray.data.read_images`` output, with its ``path`` used as the ``uri`` when there is no
+    ``uri``)::
+
+        ds.map_batches(Annotator, fn_constructor_kwargs={"checkpoint": "s3://b/sam_vit_h_4b8939.pth"},
+                       compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=4)
+
+    Output: the ``schema.OUTPUT_SCHEMA`` columns, one row per input row, followed by every input
+    column it does not consume (the job's unit columns, a user's own ids). ``config`` is an
+    ``AnnotateConfig.to_dict()``; without it, keyword ``settings`` name AnnotateConfig fields
+    (``checkpoint`` at least).
     """
 
-    def __init__(self, config: dict, generator_factory: Optional[Callable] = None):
-        self.config = AnnotateConfig.from_dict(config)
+    def __init__(self, config: Optional[dict] = None, generator_factory: Optional[Callable] = None, **settings):
+        self.config = AnnotateConfig.from_dict(config) if config is not None else AnnotateConfig.for_stage(**settings)
         self.device = pick_device()
         factory = generator_factory or make_generator
         self.generator = factory(self.config, self.device)
 
     def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["uri"])
+        n = len(batch["image"])
+        uris = input_uris(batch)
+        statuses = batch["status"] if "status" in batch else np.full(n, schema.STATUS_OK, dtype=object)
         rows: List[Optional[dict]] = [None] * n
         todo = []
         for i in range(n):
-            if batch["status"][i] == schema.STATUS_OK:
+            if statuses[i] == schema.STATUS_OK:
                 todo.append(i)
+            elif statuses[i] == schema.STATUS_SKIP:
+                rows[i] = schema.skip_row(uris[i])
             else:
                 rows[i] = schema.error_row(
-                    str(batch["uri"][i]),
+                    uris[i],
                     _text(batch["error"][i]) or "decode failed",
                     image_sha256=_text(batch["image_sha256"][i]),
                     timings=_timings(batch, i),
                 )
         if todo:
+            images = [as_rgb(batch["image"][i]) for i in todo]
             start = time.perf_counter()
-            results = self._generate([batch["image"][i] for i in todo])
+            results = self._generate(images)
             per_image_s = (time.perf_counter() - start) / len(todo)
-            for i, result in zip(todo, results):
+            for i, image, result in zip(todo, images, results):
                 timings = {**_timings(batch, i), "annotate_s": per_image_s}
-                uri, sha = str(batch["uri"][i]), _text(batch["image_sha256"][i])
-                width, height = int(batch["width"][i]), int(batch["height"][i])
+                sha = _text(batch["image_sha256"][i]) if "image_sha256" in batch else None
+                height, width = image.shape[:2]
                 if isinstance(result, Exception):
                     reason = redact_text(f"annotation failed: {type(result).__name__}: {result}")
-                    rows[i] = schema.error_row(uri, reason, width, height, sha, timings)
+                    rows[i] = schema.error_row(uris[i], reason, width, height, sha, timings)
                 else:
-                    rows[i] = schema.ok_row(uri, width, height, result, sha, timings)
-        return schema.rows_to_table(rows)
+                    rows[i] = schema.ok_row(uris[i], width, height, result, sha, timings)
+        consumed = CONSUMED_COLUMNS | ({"path"} if "uri" not in batch else set())
+        return with_passthrough(schema.rows_to_table(rows), batch, consumed)
 
     def _generate(self, images: List[np.ndarray]) -> list:
         """Records per image; one encoder batch, or image by image if the batch fails."""
@@ -121,6 +137,36 @@ class Annotator:
             except Exception as exc:  # one image's failure must not cost the others their rows
                 results.append(exc)
         return results
+
+
+# Columns of a decoded batch that the annotate stage turns into output columns.
+CONSUMED_COLUMNS = frozenset({"image", "uri", "width", "height", "status", "error", "image_sha256",
+                              "read_s", "decode_s"})
+
+
+def input_uris(batch: dict) -> List[str]:
+    """Each row's ``uri``: the job's, or ``path`` from ``ray.data.read_images(include_paths=True)``."""
+    n = len(batch["image"])
+    column = batch.get("uri", batch.get("path"))
+    return [""] * n if column is None else [str(value) for value in column]
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """HxW grey, HxWx1, HxWx3 or HxWx4 uint8 -> HxWx3 (alpha dropped), as the model takes it."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3], dtype=np.uint8)
+
+
+def with_passthrough(table: pa.Table, batch: dict, consumed=CONSUMED_COLUMNS) -> pa.Table:
+    """``table`` plus every column of ``batch`` not in ``consumed``, in batch order."""
+    for name, values in batch.items():
+        if name not in consumed and name not in table.column_names:
+            table = table.append_column(name, pa.array(list(values) if values.dtype == object else values))
+    return table
 
 
 def _timings(batch: dict, i: int) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.units import DEFAULT_UNIT_SIZE
 from pipeline.redact import redact_mapping
 
 # The AutomaticMaskGenerator parameters a run passes through, by segment-anything's names.
@@ -68,7 +69,9 @@ class AnnotateConfig:
     num_actors: Optional[int] = None
     gpus_per_actor: Optional[float] = None
     batch_size: int = 4
-    rows_per_shard: int = 256
+    # Images per unit of work (one commit record each), and most rows in one Parquet file.
+    unit_size: int = DEFAULT_UNIT_SIZE
+    rows_per_file: int = 256
 
     # Inputs and outputs.
     storage_options: dict = field(default_factory=dict)
@@ -90,6 +93,11 @@ class AnnotateConfig:
     def to_public_dict(self) -> dict:
         """All fields with secret storage options redacted: safe for manifests and logs."""
         return redact_mapping(self.to_dict())
+
+    @classmethod
+    def for_stage(cls, **settings) -> "AnnotateConfig":
+        """A config for the annotate stage alone (``Annotator`` on one's own Dataset): no input or output."""
+        return cls.from_dict({"input": "", "output": "", **settings})
 
     @classmethod
     def from_dict(cls, values: dict) -> "AnnotateConfig":

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.redact import redact_text
+from pipeline.schema import STATUS_SKIP
 
 # Same as Pillow's own default warning threshold, so users get the limit they already know.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -99,14 +100,15 @@ def decode_batch(
     """Ray Data ``map_batches`` function (``batch_format="numpy"``).
 
     Input columns: ``uri`` (str), ``bytes`` (bytes, or None/empty when the read failed),
-    optional ``read_error`` (None, or why the read failed). Any other column is passed
-    through unchanged; ``bytes`` and ``read_error`` are consumed.
+    optional ``read_error`` (None, or why the read failed), optional ``skip`` (bool: an item
+    that gets no row, passed on as status "skip"). Any other column is passed through
+    unchanged; ``bytes``, ``read_error`` and ``skip`` are consumed.
 
     Output columns, one row per input row:
         ``uri``: str, unchanged.
         ``image``: uint8 (H, W, 3) array; an empty (0, 0, 3) array on error rows.
         ``width``, ``height``: int32, after EXIF orientation; 0 on error rows.
-        ``status``: "ok" or "error".
+        ``status``: "ok", "error", or "skip".
         ``error``: None, or the reason (read errors are kept as given, credentials scrubbed).
         ``image_sha256``: hex digest of the raw bytes; None when there were no bytes.
         ``decode_s``: float64 seconds spent decoding this row.
@@ -114,6 +116,7 @@ def decode_batch(
     uris = batch["uri"]
     raw = batch["bytes"]
     read_errors = batch.get("read_error")
+    skipped = batch.get("skip")
     n = len(uris)
 
     images = np.empty(n, dtype=object)
@@ -126,6 +129,9 @@ def decode_batch(
 
     for i in range(n):
         start = time.perf_counter()
+        if skipped is not None and skipped[i]:
+            images[i], statuses[i], errors[i], digests[i] = empty_image(), STATUS_SKIP, None, None
+            continue
         data = _as_bytes(raw[i])
         read_error = None if read_errors is None else text_or_none(read_errors[i])
         # A failed read has no bytes to hash (Ray may hand its null cell over as b"").
@@ -147,7 +153,7 @@ def decode_batch(
             errors[i] = None
         seconds[i] = time.perf_counter() - start
 
-    out = {k: v for k, v in batch.items() if k not in ("bytes", "read_error")}
+    out = {k: v for k, v in batch.items() if k not in ("bytes", "read_error", "skip")}
     out.update(
         uri=uris,
         image=images,

@@ -34,6 +34,7 @@ from collections import defaultdict
 from functools import lru_cache
 from typing import Callable, Optional
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
@@ -192,18 +193,20 @@ def same_image_key(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-def missing_image_rows(prompts_by_uri: dict[str, ImagePrompts], listed_uris) -> list[dict]:
-    """Error rows for prompted URIs that ``--input`` does not list (see ``same_image_key``)."""
-    listed = {same_image_key(uri) for uri in listed_uris}
-    return [
-        schema.error_row(uri, f"prompts given for an image that is not in --input ({len(listed)} images "
-                              f"listed; URIs must match exactly, scheme included, file:// optional)")
-        for uri in prompts_by_uri
-        if same_image_key(uri) not in listed
-    ]
+ORPHAN_REASON = ("prompts given for an image that is not in --input "
+                 "(URIs must match exactly, scheme included, file:// optional)")
 
 
-# --- wiring into pipeline.run ------------------------------------------------------------------
+def missing_image_uris(prompted_uris, listed_uris) -> list[str]:
+    """The prompted URIs that ``listed_uris`` (streamed, any length) does not hold (see ``same_image_key``)."""
+    waiting = {same_image_key(uri): uri for uri in prompted_uris}
+    for uri in listed_uris:
+        if uri is not None:
+            waiting.pop(same_image_key(uri), None)
+    return sorted(waiting.values())
+
+
+# --- wiring into pipeline.run (through pipeline.modes.PromptedMode) ----------------------------
 
 @lru_cache(maxsize=4)
 def _read_prompts_cached(uri: str, storage_options_json: str) -> dict[str, ImagePrompts]:
@@ -220,29 +223,35 @@ def load_prompts(config) -> dict[str, ImagePrompts]:
     return _read_prompts_cached(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
 
 
-def select_inputs(config, listed: list[str], written: set[str]) -> tuple[list[str], list[dict]]:
-    """(URIs to annotate, error rows to write) for a prompted run.
+def select_prompted(prompts_uri: str, storage_options_json: str, uri: str) -> tuple[bool, dict]:
+    """The read stage's selector: only prompted images get a row, their prompts travel with them.
 
-    Only images that have prompts are annotated, in listing order, under their listed URI; images
-    in ``--input`` without prompts are not processed. Prompts for URIs that ``--input`` does not list
-    become error rows, except under ``--limit``: a truncated listing cannot tell a missing image from
-    one past the limit, and an error row would stop a later full run from annotating it. URIs already
-    in the output (resume) are left out of both.
+    Images in ``--input`` without prompts are not read or annotated. The table is read once per
+    worker process.
     """
-    prompts = load_prompts(config)
-    prompted_keys = {same_image_key(uri) for uri in prompts}
-    todo = [uri for uri in listed if same_image_key(uri) in prompted_keys and uri not in written]
+    found = _prompts_by_key(prompts_uri, storage_options_json).get(same_image_key(uri))
+    return (False, {}) if found is None else (True, {PROMPTS_COLUMN: found.to_json()})
+
+
+def orphan_prompts_unit(config, plan, committed: set):
+    """The unit of error rows for prompted images that ``--input`` does not hold, or None.
+
+    None under ``--limit`` (a truncated listing cannot tell a missing image from one past the
+    limit, and an error row would stop a later full run from annotating it), and once such a unit
+    is committed: its error rows are final, as error rows are.
+    """
+    from pipeline.units import KIND_PROMPT_ORPHANS, Unit, committed_ranges, source_hash
+
     if config.limit is not None:
-        return todo, []
-    errors = [row for row in missing_image_rows(prompts, listed) if row["uri"] not in written]
-    return todo, errors
-
-
-def with_prompts(block: pa.Table, config) -> pa.Table:
-    """Attach ``PROMPTS_COLUMN`` (each image's prompts as JSON) to a block of ``uri`` rows."""
-    by_key = _prompts_by_key(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
-    return block.append_column(PROMPTS_COLUMN, pa.array(
-        [by_key[same_image_key(uri)].to_json() for uri in block.column("uri").to_pylist()], pa.string()))
+        return None
+    fs, path = fsspec.core.url_to_fs(config.prompts, **(config.storage_options or {}))
+    key = fs.unstrip_protocol(path)
+    if (KIND_PROMPT_ORPHANS, source_hash(key)) in committed_ranges(committed):
+        return None
+    missing = missing_image_uris(load_prompts(config), plan.iter_input_uris(config.storage_options or {}))
+    if not missing:
+        return None
+    return Unit(KIND_PROMPT_ORPHANS, config.prompts, key, 0, len(missing), len(missing), tuple(missing))
 
 
 def annotate_stage(config) -> tuple[type, dict]:
@@ -278,12 +287,17 @@ class PromptedAnnotator:
             self.predictor = predictor_factory(self.config)
 
     def __call__(self, batch: dict) -> pa.Table:
-        return schema.rows_to_table([self._row(batch, i) for i in range(len(batch["uri"]))],
-                                    PROMPTED_OUTPUT_SCHEMA)
+        from pipeline.annotate import CONSUMED_COLUMNS, with_passthrough
+
+        table = schema.rows_to_table([self._row(batch, i) for i in range(len(batch["uri"]))],
+                                     PROMPTED_OUTPUT_SCHEMA)
+        return with_passthrough(table, batch, CONSUMED_COLUMNS | {PROMPTS_COLUMN})
 
     def _row(self, batch: dict, i: int) -> dict:
         uri, sha = str(batch["uri"][i]), text_or_none(batch["image_sha256"][i])
         timings = {name: batch[name][i] for name in ("read_s", "decode_s") if name in batch}
+        if batch["status"][i] == schema.STATUS_SKIP:
+            return schema.skip_row(uri)
         if batch["status"][i] != schema.STATUS_OK:
             reason = text_or_none(batch["error"][i]) or "decode failed"
             return schema.error_row(uri, reason, image_sha256=sha, timings=timings)

@@ -1,45 +1,44 @@
-"""The Ray Data job: list -> read -> decode (CPU tasks) -> annotate (actor pool) -> Parquet.
+"""The job: units -> read -> decode (CPU tasks) -> annotate (actor pool) -> write (workers) -> commit.
 
-``run(config)`` is the whole job; ``build_dataset`` is its plan. Shards are written by the
-driver as batches stream out of ``iter_batches``, so nothing is materialised, the progress bar
-counts rows as they land, and resume only needs the URIs already in the output (see README:
-an anti-join on written URIs rather than Ray Data's CheckpointConfig, which needs a spare CPU
-slot and hung at num_cpus=2).
+``run(config)`` is the whole job and ``build_dataset`` its Ray Data plan. The driver plans the
+units of work (``pipeline.units``), builds the plan, and consumes only the small write results
+the workers return (``pipeline.sink.write_parts``): it commits each unit once all of its items
+are written, and feeds the progress bar. It never holds the input list, the output rows, or the
+set of done images: resume is one listing of the commit records.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline import schema, sources
-from pipeline.annotate import Annotator, check_model
+from pipeline import units as units_of_work
+from pipeline.annotate import check_model
 from pipeline.config import RESULT_FIELDS, AnnotateConfig
 from pipeline.decode import decode_batch
-from pipeline.read import read_batch
+from pipeline.modes import AutomaticMode, mode_for
+from pipeline.read import read_units
 from pipeline.redact import redact_text
-from pipeline.sink import Output, ShardWriter
+from pipeline.sink import Committer, Output, write_parts
+from pipeline.units import Unit
 
 log = logging.getLogger(__name__)
-
-# Largest block of the URI list: small, so that reading and decoding start streaming at once.
-MAX_URIS_PER_BLOCK = 64
 
 
 @dataclass
 class RunSummary:
     output: str
     run_index: int
-    listed: int
-    already_written: int
+    units_planned: int
+    units_done_before: int
+    units_committed: int = 0
     ok: int = 0
     failed: int = 0
     masks: int = 0
@@ -57,17 +56,9 @@ class RunSummary:
         return (
             f"sam-annotate: {self.ok} ok, {self.failed} failed, {self.masks} masks, "
             f"{self.images_per_s:.2f} img/s over {self.seconds:.1f}s "
-            f"({self.already_written} already written of {self.listed} listed) -> {redact_text(self.output)}"
+            f"({self.units_committed} of {self.units_planned} units committed, "
+            f"{self.units_done_before} done before) -> {redact_text(self.output)}"
         )
-
-
-def annotate_stage(config: AnnotateConfig) -> Tuple[type, dict]:
-    """The actor class for the annotate stage and its constructor kwargs: the one place to choose it."""
-    if config.prompts:
-        from pipeline.prompted import annotate_stage as prompted_stage
-
-        return prompted_stage(config)
-    return Annotator, {"config": config.to_dict()}
 
 
 def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
@@ -87,26 +78,23 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     return max(1, cpus), gpus_per_actor
 
 
-def uris_per_block(num_uris: int, num_actors: int) -> int:
-    """Enough blocks to keep every actor fed (about 4 each) even on a small corpus."""
-    return max(1, min(MAX_URIS_PER_BLOCK, -(-num_uris // (4 * max(1, num_actors)))))
+def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[AutomaticMode] = None,
+                  stage: Optional[Tuple[type, dict]] = None):
+    """The Ray Data plan; lazy until iterated. Its rows are the write results, one per file.
 
-
-def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple[type, dict]] = None):
-    """The Ray Data plan; lazy until iterated. `stage` overrides `annotate_stage(config)`."""
+    `stage` overrides the mode's (actor class, constructor kwargs). Call after the DataContext
+    is set (``configure_data_context``).
+    """
     import ray
 
+    mode = mode or mode_for(config)
     num_actors, gpus_per_actor = plan_actor_pool(config, ray.cluster_resources())
-    actor_class, actor_kwargs = stage or annotate_stage(config)
-    per_block = uris_per_block(len(uris), num_actors)
-    blocks = [pa.table({"uri": uris[i: i + per_block]}) for i in range(0, len(uris), per_block)]
-    if config.prompts:  # each image's prompts travel next to its uri, through read and decode
-        from pipeline.prompted import with_prompts
-
-        blocks = [with_prompts(block, config) for block in blocks]
+    actor_class, actor_kwargs = stage or mode.stage(config)
+    options = config.storage_options
     return (
-        ray.data.from_arrow(blocks)
-        .map_batches(read_batch, fn_kwargs={"storage_options": config.storage_options}, batch_format="numpy")
+        ray.data.from_items([unit.to_row() for unit in planned], override_num_blocks=len(planned))
+        .map_batches(read_units, fn_kwargs={"storage_options": options, "select": mode.selector(config)},
+                     batch_size=1, batch_format="numpy")
         .map_batches(decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_format="numpy")
         .map_batches(
             actor_class,
@@ -116,7 +104,23 @@ def build_dataset(config: AnnotateConfig, uris: List[str], stage: Optional[Tuple
             batch_size=config.batch_size,
             batch_format="numpy",
         )
+        # Writing is I/O: no CPU reserved, so that CPU actors holding every core cannot starve it.
+        .map_batches(write_parts, fn_kwargs={"output": config.output, "storage_options": options,
+                                             "row_schema": mode.row_schema},
+                     batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
+                     compute=ray.data.TaskPoolStrategy(size=max(2, num_actors)))
     )
+
+
+def configure_data_context(progress: bool) -> None:
+    """Ray Data settings; they must be set before the Dataset is created."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    # Rows reach the writer in unit order, so a unit's rows land in few files.
+    context.execution_options.preserve_order = True
+    if progress:  # ours counts rows as they are written
+        context.enable_progress_bars = False
 
 
 def run(
@@ -125,54 +129,56 @@ def run(
     progress: bool = True,
     stage: Optional[Tuple[type, dict]] = None,
     connect: Optional[Callable[[], None]] = None,
-    on_rows: Optional[Callable[[pa.Table], None]] = None,
+    on_write: Optional[Callable[[pa.Table], None]] = None,
 ) -> RunSummary:
-    """Annotate every input of ``config`` that has no row in the output yet.
+    """Annotate every unit of ``config``'s input that the output has not committed yet.
 
-    `stage` replaces the annotate stage's (actor class, constructor kwargs); None picks it
-    from the config (`annotate_stage`). `connect` starts or joins Ray, and is called only when
-    there is work: a rerun of a completed output never waits for Ray to start. `on_rows` is
-    called with each table of rows once it is handed to the shard writer (monitoring, benches).
+    `stage` replaces the annotate stage's (actor class, constructor kwargs); None takes the
+    mode's. `connect` starts or joins Ray, and is called only when there is work: a rerun of a
+    completed output never waits for Ray to start. `on_write` is called with each table of
+    write results (``pipeline.sink.WRITE_RESULT_SCHEMA``) as it reaches the driver.
     """
     started, clock = _now(), time.perf_counter()
+    mode = mode_for(config)
     output = Output(config.output, config.storage_options)
-    if not config.overwrite:
+    output.check_usable()
+    committed = set() if config.overwrite else output.committed_units()
+    if committed:
         _check_same_settings(output, config)
-    listed = sources.list_inputs(config.input, config.storage_options, config.limit)
-    written = set() if config.overwrite else output.written_uris()
-    todo = sources.pending(listed, written)
-    prompt_errors: List[dict] = []
-    if config.prompts:  # only prompted images; prompts for images not listed become error rows
-        from pipeline.prompted import load_prompts, select_inputs
-
-        todo, prompt_errors = select_inputs(config, listed, written)
-        listed = list(load_prompts(config))
-    # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
-    # or touches an existing output.
-    checkpoint_sha256 = check_model(config) if (todo or prompt_errors) and stage is None else None
-    if config.overwrite:
-        output.clear()
-    summary = RunSummary(config.output, output.next_run_index(), len(listed),
-                         len(listed) - len(todo) - len(prompt_errors))
-    manifest = _manifest(config, summary, started, checkpoint_sha256=checkpoint_sha256, status="running")
-    if todo or prompt_errors:
-        output.mark_incomplete()
-        output.write_manifest(manifest)
-        try:
-            if connect is not None:
-                connect()
-            if progress:  # ours counts rows as they are written; read before the Dataset exists
-                import ray
-
-                ray.data.DataContext.get_current().enable_progress_bars = False
-            dataset = build_dataset(config, todo, stage) if todo else None
-            _write_rows(dataset, output, summary, config, progress, prompt_errors, on_rows)
-        except BaseException as exc:
-            summary.seconds = time.perf_counter() - clock
-            output.write_manifest(_finish(manifest, summary, "failed", error=f"{type(exc).__name__}: {exc}"))
-            raise
-    else:
-        manifest["checkpoint_sha256"] = (output.read_manifest() or {}).get("checkpoint_sha256")
+    mode.prepare(config)
+    run_index = 1 if config.overwrite else output.next_run_index()
+    with tempfile.TemporaryDirectory(prefix="sam-annotate-plan-") as staging:
+        plan = units_of_work.plan_units(
+            config.input, config.storage_options, committed, unit_size=config.unit_size, limit=config.limit,
+            output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite)
+        plan.units += mode.extra_units(config, plan, committed)
+        # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
+        # or touches an existing output.
+        checkpoint_sha256 = check_model(config) if plan.units and stage is None else None
+        if config.overwrite:
+            output.clear()
+        elif plan.units:
+            output.remove_uncommitted(committed)
+        summary = RunSummary(config.output, run_index, len(plan.units), len(committed))
+        manifest = _manifest(config, summary, started, checkpoint_sha256=checkpoint_sha256, status="running")
+        if plan.units:
+            output.mark_incomplete()
+            output.write_manifest(manifest)  # before the snapshot: its run index is then taken
+            if plan.snapshot_name:
+                output.publish_listing(plan.snapshot_local_path, plan.snapshot_name)
+            try:
+                if connect is not None:
+                    connect()
+                configure_data_context(progress)
+                committer = Committer(output, plan.units, run_index)
+                _consume(build_dataset(config, plan.units, mode, stage), committer, summary, progress,
+                         plan.known_items, on_write)
+            except BaseException as exc:
+                summary.seconds = time.perf_counter() - clock
+                output.write_manifest(_finish(manifest, summary, "failed", error=f"{type(exc).__name__}: {exc}"))
+                raise
+        else:
+            manifest["checkpoint_sha256"] = (output.read_manifest() or {}).get("checkpoint_sha256")
     summary.seconds = time.perf_counter() - clock
     final = _finish(manifest, summary, "complete")
     output.write_manifest(final)
@@ -180,33 +186,31 @@ def run(
     return summary
 
 
-def _write_rows(dataset, output: Output, summary: RunSummary, config: AnnotateConfig, progress: bool,
-                first_rows: Sequence[dict] = (), on_rows: Optional[Callable[[pa.Table], None]] = None) -> None:
-    row_schema = schema.OUTPUT_SCHEMA
-    if config.prompts:
-        from pipeline.prompted import PROMPTED_OUTPUT_SCHEMA as row_schema
-    writer = ShardWriter(output, summary.run_index, row_schema, config.rows_per_shard)
-    bar = _progress_bar(summary.listed - summary.already_written, progress)
-    tables = [] if dataset is None else dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-    if first_rows:
-        tables = itertools.chain([schema.rows_to_table(first_rows, row_schema)], tables)
+def _consume(dataset, committer: Committer, summary: RunSummary, progress: bool, total: Optional[int],
+             on_write: Optional[Callable[[pa.Table], None]]) -> None:
+    """Stream the write results: commit units as they complete, count rows, draw progress."""
+    bar = _progress_bar(total, progress)
     try:
-        for table in tables:
-            writer.write(table)
-            ok = pc.sum(pc.equal(table["status"], schema.STATUS_OK)).as_py() or 0
-            summary.ok += ok
-            summary.failed += table.num_rows - ok
-            summary.masks += pc.sum(table["num_masks"]).as_py() or 0
-            bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks, refresh=False)
-            bar.update(table.num_rows)
-            if on_rows is not None:
-                on_rows(table)
-    finally:  # rows already received are kept even when the run stops: a rerun skips them
+        for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tally = committer.add(results)
+            summary.ok += tally.ok
+            summary.failed += tally.failed
+            summary.masks += tally.masks
+            summary.units_committed += len(tally.committed)
+            bar.set_postfix(ok=summary.ok, failed=summary.failed, masks=summary.masks,
+                            units=f"{summary.units_committed}/{summary.units_planned}", refresh=False)
+            bar.update(tally.rows)
+            if on_write is not None:
+                on_write(results)
+    finally:
         bar.close()
-        writer.close()
+    if committer.pending:
+        names = ", ".join(sorted(committer.pending)[:3]) + (", ..." if len(committer.pending) > 3 else "")
+        raise RuntimeError(f"{len(committer.pending)} unit(s) did not complete ({names}); "
+                           "rerun the same command to redo them")
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: Optional[int], enabled: bool):
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is declared, but a bare cluster image may lack it: log lines instead
@@ -215,15 +219,15 @@ def _progress_bar(total: int, enabled: bool):
 
 
 class _LogProgress:
-    """The few tqdm methods `_write_rows` uses, as a log line per update."""
+    """The few tqdm methods `_consume` uses, as a log line per update."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: Optional[int], enabled: bool):
         self.total, self.enabled, self.done, self.postfix = total, enabled, 0, {}
 
     def update(self, rows: int) -> None:
         self.done += rows
         if self.enabled:
-            log.info("annotating: %d/%d images %s", self.done, self.total, self.postfix)
+            log.info("annotating: %d/%s images %s", self.done, self.total or "?", self.postfix)
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
         self.postfix = values
@@ -271,7 +275,7 @@ def _finish(manifest: dict, summary: RunSummary, status: str, error: Optional[st
         "error": redact_text(error),
         "end_time": _now(),
         "counts": counts,
-        "totals": {"rows": summary.already_written + summary.processed},
+        "totals": {"units_committed": summary.units_done_before + summary.units_committed},
     }
 
 

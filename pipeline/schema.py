@@ -28,6 +28,14 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# An item that gets no row (a blank stretch of a manifest, an image without prompts): it travels
+# to the writer only so that its unit can be seen complete. Never written.
+STATUS_SKIP = "skip"
+
+# Where each item belongs, from the read stage to the writer: the unit's id, the item's position
+# in the unit, and whether it is the unit's last item. The writer names files after them and the
+# driver commits a unit from them; they are not part of the output rows.
+UNIT_COLUMNS = ("unit", "unit_index", "unit_last")
 
 SEGMENTATION_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
@@ -146,6 +154,11 @@ def error_row(
         "image_sha256": image_sha256,
         **_timings(timings),
     }
+
+
+def skip_row(uri: str = "") -> dict:
+    """The placeholder row of an item that is not written (see ``STATUS_SKIP``)."""
+    return {**error_row(uri, ""), "status": STATUS_SKIP, "error": None}
 
 
 def rows_to_table(rows: Sequence[dict], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:

@@ -1,22 +1,25 @@
-"""Listing the inputs of a run, and subtracting those already written (resume).
+"""Listing the image objects under a prefix or glob, streamed in one deterministic order.
 
-`--input` may be:
-- a prefix (a directory, or any key prefix in an object store), walked recursively;
-- a glob (`*`, `?`, `[`), whose matches are walked recursively if they are directories;
-- a manifest: a `.txt` file with one URI per line, or a `.parquet` file with a `uri` column.
+`--input` may be a prefix (a directory, or any key prefix in an object store), walked
+recursively, or a glob (`*`, `?`, `[`) whose matches are walked recursively if they are
+directories. (Manifests, `.txt` or `.parquet`, are cut into units in `pipeline.units` and read
+on the workers; they are not listed here.)
 
-Walked inputs keep image files only, chosen by extension case-insensitively. Manifest entries
-are taken as written. URIs keep the scheme of `--input` (`s3://bucket/a.jpg`); local inputs
-without a scheme become absolute paths. The result is sorted and free of duplicates, so a run
-over the same input always sees the same list (which makes `--limit` and resume agree).
+Walked inputs keep image files only, chosen by extension case-insensitively. URIs keep the
+scheme of `--input` (`s3://bucket/a.jpg`); local inputs without a scheme are absolute paths.
+
+The listing is a generator: one directory's entries are held at a time, never the whole
+corpus. Its order is ``listing_key`` (path components compared one by one), the order in which a
+sorted depth-first walk meets the files, so a listing is always the same sequence and two
+listings can be compared in one streaming pass (`pipeline.units.new_entries`).
 """
 from __future__ import annotations
 
 import posixpath
-from typing import Iterable, List, Optional
+import re
+from typing import Callable, Iterator, Optional, Tuple
 
 import fsspec
-import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
@@ -30,42 +33,86 @@ def is_image_name(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_inputs(input_uri: str, storage_options: Optional[dict] = None, limit: Optional[int] = None) -> List[str]:
-    """All input URIs of `input_uri`, sorted and unique; the first `limit` of them if given."""
+def has_glob(path: str) -> bool:
+    return any(char in path for char in _GLOB_CHARS)
+
+
+def listing_key(uri: str) -> Tuple[str, ...]:
+    """The listing order: path components compared one at a time (what a sorted walk yields)."""
+    return tuple(uri.split("/"))
+
+
+def iter_image_uris(input_uri: str, storage_options: Optional[dict] = None) -> Iterator[str]:
+    """Every image URI under ``input_uri`` (prefix or glob), in ``listing_key`` order."""
     fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
-    lowered = path.lower()
-    if lowered.endswith(MANIFEST_TEXT) and fs.isfile(path):
-        uris = _read_text_manifest(fs, path)
-    elif lowered.endswith(MANIFEST_PARQUET) and fs.isfile(path):
-        uris = _read_parquet_manifest(fs, path)
-    else:
-        uris = [_with_scheme(input_uri, found) for found in _walk(fs, path) if is_image_name(found)]
-    uris = sorted(set(uris))
-    return uris if limit is None else uris[:limit]
+    for found in _walk_input(fs, path):
+        if is_image_name(found):
+            yield _with_scheme(input_uri, found)
 
 
-def pending(uris: Iterable[str], done: Iterable[str]) -> List[str]:
-    """`uris` minus those in `done`, order kept: the anti-join that makes a rerun resume."""
-    done = set(done)
-    return [uri for uri in uris if uri not in done]
+def input_exists(input_uri: str, storage_options: Optional[dict] = None) -> bool:
+    """Whether ``input_uri`` names anything: a file, a directory, a key prefix or a glob match."""
+    fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
+    if has_glob(path):
+        return bool(fs.glob(path))
+    if fs.exists(path):
+        return True
+    parent, stem = posixpath.split(path.rstrip("/"))
+    return bool(parent) and fs.isdir(parent) and any(
+        posixpath.basename(p.rstrip("/")).startswith(stem) for p in fs.ls(parent, detail=False))
 
 
-def _walk(fs, path: str) -> List[str]:
-    """Files under `path`: a directory, a glob, a single file, or a bare key prefix."""
-    if any(char in path for char in _GLOB_CHARS):
-        files = []
-        for match in fs.glob(path):
-            files.extend(fs.find(match) if fs.isdir(match) else [match])
-        return files
+def _walk_input(fs, path: str) -> Iterator[str]:
+    """Files under ``path``: a directory, a glob, a single file, or a bare key prefix."""
+    if has_glob(path):
+        root = _glob_root(path)
+        pattern = re.compile(fsspec.utils.glob_translate(path))
+        if fs.isdir(root):
+            yield from _sorted_walk(fs, root, lambda p: bool(pattern.match(p)))
+        return
     if fs.isdir(path):
-        return fs.find(path)
+        yield from _sorted_walk(fs, path.rstrip("/"), lambda p: True)
+        return
     if fs.isfile(path):
-        return [path]
+        yield path
+        return
     # An object-store prefix that is not a "directory", e.g. s3://bucket/images/2024-
     parent = posixpath.dirname(path.rstrip("/"))
-    if not parent or not fs.isdir(parent):
-        return []
-    return [found for found in fs.find(parent) if found.startswith(path)]
+    if parent and fs.isdir(parent):
+        yield from _sorted_walk(fs, parent, lambda p: p.startswith(path), prune=True)
+
+
+def _sorted_walk(fs, directory: str, matches: Callable[[str], bool], prune: bool = False) -> Iterator[str]:
+    """Depth-first, entries sorted by name; a matching directory brings its whole subtree.
+
+    With ``prune`` a directory that does not match is not entered (a key prefix); without it the
+    walk goes on below (a glob may match deeper down).
+    """
+    entries = fs.ls(directory, detail=True)
+    fs.invalidate_cache(directory)  # object-store listings are cached per process: keep none
+    children = []
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name and name != directory.rstrip("/"):
+            children.append((posixpath.basename(name), name, entry.get("type") == "directory"))
+    for _, name, is_directory in sorted(children):
+        if is_directory:
+            if matches(name):
+                yield from _sorted_walk(fs, name, _everything)
+            elif not prune:
+                yield from _sorted_walk(fs, name, matches)
+        elif matches(name):
+            yield name
+
+
+def _everything(path: str) -> bool:
+    return True
+
+
+def _glob_root(path: str) -> str:
+    """The deepest directory of a glob pattern that has no glob character."""
+    head = path[: min(path.index(char) for char in _GLOB_CHARS if char in path)]
+    return head.rsplit("/", 1)[0] if "/" in head else ""
 
 
 def _with_scheme(input_uri: str, found: str) -> str:
@@ -74,19 +121,3 @@ def _with_scheme(input_uri: str, found: str) -> str:
         return found
     scheme = input_uri.split("://", 1)[0]
     return f"{scheme}://{found.lstrip('/')}" if scheme != "file" else f"file://{found}"
-
-
-def _read_text_manifest(fs, path: str) -> List[str]:
-    with fs.open(path, "rt") as handle:
-        lines = (line.strip() for line in handle)
-        return [line for line in lines if line and not line.startswith("#")]
-
-
-def _read_parquet_manifest(fs, path: str) -> List[str]:
-    with fs.open(path, "rb") as handle:
-        schema = pq.read_schema(handle)
-        if "uri" not in schema.names:
-            raise ValueError(f"manifest {path} has no 'uri' column (columns: {schema.names})")
-        handle.seek(0)
-        column = pq.read_table(handle, columns=["uri"]).column("uri")
-    return [uri for uri in column.to_pylist() if uri]

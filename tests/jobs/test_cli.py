@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import annotate as cli
-from pipeline.sources import list_inputs
+from pipeline.sources import iter_image_uris
 
 
 def parse(*argv):
@@ -18,7 +18,7 @@ def test_every_option_reaches_the_config():
         "--stability-score-thresh", "0.6", "--stability-score-offset", "2", "--box-nms-thresh", "0.4",
         "--crop-n-layers", "1", "--crop-nms-thresh", "0.3", "--crop-overlap-ratio", "0.25",
         "--crop-n-points-downscale-factor", "2", "--min-mask-region-area", "100",
-        "--num-actors", "3", "--gpus-per-actor", "0.5", "--batch-size", "8", "--rows-per-shard", "50",
+        "--num-actors", "3", "--gpus-per-actor", "0.5", "--batch-size", "8", "--rows-per-file", "50", "--unit-size", "64",
         "--storage-options", '{"anon": false, "client_kwargs": {"endpoint_url": "http://h:1"}}',
         "--overwrite", "--limit", "10", "--max-pixels", "1000",
     )
@@ -29,7 +29,8 @@ def test_every_option_reaches_the_config():
         stability_score_offset=2.0, box_nms_thresh=0.4, crop_n_layers=1, crop_nms_thresh=0.3,
         crop_overlap_ratio=0.25, crop_n_points_downscale_factor=2, min_mask_region_area=100,
     )
-    assert (config.num_actors, config.gpus_per_actor, config.batch_size, config.rows_per_shard) == (3, 0.5, 8, 50)
+    assert (config.num_actors, config.gpus_per_actor, config.batch_size, config.rows_per_file) == (3, 0.5, 8, 50)
+    assert config.unit_size == 64
     assert config.storage_options == {"anon": False, "client_kwargs": {"endpoint_url": "http://h:1"}}
     assert (config.overwrite, config.limit, config.max_pixels, config.demo) == (True, 10, 1000, False)
 
@@ -64,7 +65,7 @@ def test_demo_annotates_the_bundled_samples_with_a_loud_notice(ray_session, tmp_
     assert cli.main(["--demo", "--output", str(output), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "RANDOM WEIGHTS" in captured.err and "MEANINGLESS" in captured.err
-    samples = list_inputs(str(cli.SAMPLES_DIR))
+    samples = list(iter_image_uris(str(cli.SAMPLES_DIR)))
     assert len(samples) >= 3
     assert f"{len(samples)} ok, 0 failed" in captured.out
     table = pq.read_table(output)

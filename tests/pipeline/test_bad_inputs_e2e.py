@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
+from pipeline import units
 from pipeline.config import AnnotateConfig
 from pipeline.decode import decode_image
 from pipeline.run import run
@@ -49,15 +49,15 @@ def bad_input_run(ray_session, tiny_checkpoint, tmp_path_factory):
         batch_size=4,
         **AMG,
     )
-    list_inputs = sources.list_inputs
+    plan_units = units.plan_units
 
     def list_then_delete(*args, **kwargs):
-        listed = list_inputs(*args, **kwargs)
+        planned = plan_units(*args, **kwargs)
         (images / DELETED).unlink()  # gone between listing and reading
-        return listed
+        return planned
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sources, "list_inputs", list_then_delete)
+        patch.setattr(units, "plan_units", list_then_delete)
         summary = run(config, progress=False)
     table = pq.read_table(str(root / "out"))
     rows = {row["uri"]: row for row in table.to_pylist()}

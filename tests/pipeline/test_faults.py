@@ -23,7 +23,7 @@ import pytest
 
 from pipeline.config import AnnotateConfig
 from pipeline.run import run
-from pipeline.sink import SHARD_PATTERN
+from pipeline.sink import DATA_FILE
 from tests.pipeline.bad_inputs import jpeg, photo
 from tests.pipeline.faulty_stages import BrokenModelAnnotator, CrashingAnnotator
 from tests.pipeline.standin import StandInAnnotator
@@ -42,7 +42,7 @@ def write_images(folder: Path, count: int) -> list:
 
 
 def read_rows(output: Path) -> list:
-    shards = sorted(p for p in output.iterdir() if SHARD_PATTERN.match(p.name))
+    shards = sorted(p for p in output.iterdir() if DATA_FILE.match(p.name))
     return [row for shard in shards for row in pq.read_table(shard).to_pylist()]
 
 
@@ -53,7 +53,8 @@ def config_for(tmp_path: Path, **overrides) -> AnnotateConfig:
         checkpoint="unused-by-stand-in",
         num_actors=1,
         batch_size=2,
-        rows_per_shard=4,
+        rows_per_file=4,
+        unit_size=8,
     )
     values.update(overrides)
     return AnnotateConfig(**values)
@@ -81,9 +82,9 @@ DRIVER = textwrap.dedent(
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=128 * 1024 * 1024, include_dashboard=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS")}})
     config = AnnotateConfig(input=sys.argv[1], output=sys.argv[2], checkpoint="unused", num_actors=1,
-                            batch_size=2, rows_per_shard=4)
+                            batch_size=2, rows_per_file=4, unit_size=8)
     summary = run(config, progress=False, stage=(SlowAnnotator, {"config": config.to_dict()}))
-    print("SUMMARY", summary.already_written, summary.ok, summary.failed, flush=True)
+    print("SUMMARY", summary.units_done_before, summary.ok, summary.failed, flush=True)
     """
 )
 
@@ -109,21 +110,29 @@ def stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_driver_killed_mid_run_then_rerun_completes_the_rest(tmp_path):
-    inputs = write_images(tmp_path / "images", 24)
+def uncommitted_files(out: Path) -> list:
+    committed = {p.stem for p in (out / "_commits").glob("*.json")}
+    return [p for p in out.iterdir() if DATA_FILE.match(p.name) and DATA_FILE.match(p.name)["unit"] not in committed]
+
+
+def test_driver_killed_in_the_middle_of_a_unit_then_rerun_completes_the_rest(tmp_path):
+    inputs = write_images(tmp_path / "images", 40)  # 5 units of 8 images, files of at most 4 rows
     out = tmp_path / "out"
     first = start_driver(tmp_path, slow_s=0.4)
     try:
-        while first.poll() is None and len([p for p in out.glob("part-*.parquet")]) < 2:
-            time.sleep(0.1)
+        # Kill once a unit is committed and the next one has a file written but no commit record.
+        while first.poll() is None and not (list((out / "_commits").glob("*.json")) and uncommitted_files(out)):
+            time.sleep(0.05)
         assert first.poll() is None, f"the first run ended before it could be killed:\n{first.stdout.read()}"
         os.kill(first.pid, signal.SIGKILL)  # the driver only, as a lost head node would
     finally:
         stop_group(first)
 
-    before = read_rows(out)  # every shard left behind is complete, valid Parquet
-    assert 0 < len(before) < len(inputs)
+    committed_before = len(list((out / "_commits").glob("*.json")))
+    stale = uncommitted_files(out)
+    assert 1 <= committed_before < 5 and stale
     assert not (out / "_SUCCESS").exists()
+    rows_in_committed = len(read_rows(out)) - sum(pq.read_metadata(p).num_rows for p in stale)
 
     second = start_driver(tmp_path, slow_s=0.0)
     try:
@@ -132,11 +141,12 @@ def test_driver_killed_mid_run_then_rerun_completes_the_rest(tmp_path):
         stop_group(second)
     assert second.returncode == 0, log[-3000:]
     summary_line = next(line for line in log.splitlines() if line.startswith("SUMMARY"))
-    already, ok, failed = map(int, summary_line.split()[1:])
-    assert already == len(before) and ok == len(inputs) - len(before) and failed == 0
+    done_before, ok, failed = map(int, summary_line.split()[1:])
+    assert done_before == committed_before and ok == len(inputs) - rows_in_committed and failed == 0
 
     uris = [row["uri"] for row in read_rows(out)]
-    assert sorted(uris) == sorted(inputs)
+    assert sorted(uris) == sorted(inputs)  # the stale half unit was replaced, not duplicated
+    assert len(list((out / "_commits").glob("*.json"))) == 5
     assert (out / "_SUCCESS").exists()
 
 
@@ -309,8 +319,8 @@ def test_shard_write_survives_a_store_that_drops_every_kind_of_call_once():
     output = Output(root)
     output.fs = FlakyFilesystem(store)
     table = pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "status": ["ok", "error"]})
-    path = output.write_shard(table, "part-0001-000000.parquet")
+    output.write_table(table, "part-txt-0123456789ab-0-8-000000-0123abcd.parquet")
     assert output.fs.failures, "no call failed: the test proved nothing"
-    with store.open(path, "rb") as handle:
+    with store.open(output.path("part-txt-0123456789ab-0-8-000000-0123abcd.parquet"), "rb") as handle:
         assert pq.read_table(handle).to_pylist() == table.to_pylist()
     store.rm(root.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)

@@ -5,11 +5,13 @@ GPU and must fall back to the CPU by itself.
 """
 import re
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.config import AnnotateConfig
-from pipeline.run import build_dataset, plan_actor_pool, run
+from pipeline.run import build_dataset, configure_data_context, plan_actor_pool, run
+from pipeline.units import plan_units
 from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint
 
 AMG = dict(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
@@ -47,12 +49,17 @@ def test_decode_and_annotate_are_separate_stages_and_the_gpu_actor_falls_back_to
     config = AnnotateConfig(input=str(tmp_path), output=str(tmp_path / "out"), checkpoint=str(checkpoint),
                             batch_size=2, **AMG)
 
-    dataset = build_dataset(config, uris).materialize()
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("\n".join(uris) + "\n")
+    planned = plan_units(str(manifest), {}, set(), unit_size=2, limit=None, output=None, run_index=1).units
+    configure_data_context(progress=False)
+    results = build_dataset(config, planned).materialize()
 
-    names = operator_names(dataset.stats())
+    names = operator_names(results.stats())
     assert "MapBatches(Annotator)" in names, names
     assert any("decode_batch" in name and "Annotator" not in name for name in names), names
-    rows = {row["uri"]: row for row in dataset.take_all()}
+    assert sorted(r["unit"] for r in results.take_all()) == sorted(u.id for u in planned)  # a file per unit
+    rows = {row["uri"]: row for row in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert sorted(rows) == sorted(uris)
     for uri in uris[:3]:
         assert rows[uri]["status"] == "ok" and rows[uri]["num_masks"] > 0

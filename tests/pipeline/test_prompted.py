@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_rows, prompted_row, prompts_per_chunk,
+from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_uris, prompted_row, prompts_per_chunk,
                                wants_multimask)
 from pipeline.prompts import (ImagePrompts, Prompt, PromptError, check_prompts_fit, group_prompt_rows,
                               parse_prompt_row, read_prompts)
@@ -86,32 +86,44 @@ def test_multimask_rule_follows_the_reference_advice():
         wants_multimask(box, "sometimes")
 
 
-def test_select_inputs_keeps_listing_order_skips_written_and_respects_limit(tmp_path):
+def test_only_prompted_images_are_read_and_unlisted_prompts_get_one_unit_of_error_rows(tmp_path):
+    import json
+
     from pipeline.config import AnnotateConfig
-    from pipeline.prompted import select_inputs
+    from pipeline.prompted import ORPHAN_REASON, orphan_prompts_unit, select_prompted
+    from pipeline.read import read_units
+    from pipeline.units import plan_units
 
     table = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"uri": ["s3://b/c.jpg", "s3://b/a.jpg", "s3://b/gone.jpg", "s3://b/d.jpg"],
                              "boxes": [[[0.0, 0.0, 1.0, 1.0]]] * 4}), table)
-    listed = ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg", "s3://b/d.jpg"]
-    config = AnnotateConfig(input="s3://b/", output="o", checkpoint="c", prompts=str(table))
-    todo, errors = select_inputs(config, listed, written={"s3://b/d.jpg"})
-    assert todo == ["s3://b/a.jpg", "s3://b/c.jpg"]  # b.jpg has no prompts, d.jpg is done
-    assert [row["uri"] for row in errors] == ["s3://b/gone.jpg"]
-    assert select_inputs(config, listed, written={"s3://b/gone.jpg"})[1] == []
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("s3://b/a.jpg\ns3://b/b.jpg\ns3://b/c.jpg\ns3://b/d.jpg\n")
+    config = AnnotateConfig(input=str(manifest), output="o", checkpoint="c", prompts=str(table))
+    keep, columns = select_prompted(str(table), "{}", "s3://b/a.jpg")
+    assert keep and json.loads(columns["prompts_json"])["prompts"][0]["box_xyxy"] == [0.0, 0.0, 1.0, 1.0]
+    assert select_prompted(str(table), "{}", "s3://b/b.jpg") == (False, {})  # no prompts: no row
+
+    plan = plan_units(str(manifest), {}, set(), unit_size=100, limit=None, output=None, run_index=1)
+    orphans = orphan_prompts_unit(config, plan, committed=set())
+    assert orphans.entries == ("s3://b/gone.jpg",) and orphans.id.startswith("po-")
+    (block,) = read_units({name: np.array([value], dtype=object) for name, value in orphans.to_row().items()})
+    assert list(block["uri"]) == ["s3://b/gone.jpg"] and list(block["read_error"]) == [ORPHAN_REASON]
+    assert orphan_prompts_unit(config, plan, committed={orphans.id}) is None  # error rows are final
     # under --limit the listing is cut short: an unlisted image may just be past the limit
-    limited = AnnotateConfig(input="s3://b/", output="o", checkpoint="c", prompts=str(table), limit=2)
-    assert select_inputs(limited, listed[:2], written=set()) == (["s3://b/a.jpg"], [])
+    limited = AnnotateConfig(input=str(manifest), output="o", checkpoint="c", prompts=str(table), limit=2)
+    assert orphan_prompts_unit(limited, plan, committed=set()) is None
 
 
 def test_multimask_option_reaches_the_prompted_actor():
     from jobs.annotate import build_parser, config_from_args
+    from pipeline.modes import mode_for
     from pipeline.prompted import PromptedAnnotator
-    from pipeline.run import annotate_stage
 
     args = build_parser().parse_args(["--input", "i", "--output", "o", "--checkpoint", "c",
                                       "--prompts", "p.parquet", "--multimask", "never"])
-    actor_class, kwargs = annotate_stage(config_from_args(args))
+    config = config_from_args(args)
+    actor_class, kwargs = mode_for(config).stage(config)
     assert actor_class is PromptedAnnotator and kwargs["multimask"] == "never"
 
 
@@ -121,14 +133,12 @@ def test_chunks_bound_the_full_resolution_logits():
     assert prompts_per_chunk(64, 3, 10**5, 10**5, max_logits=10) == 1
 
 
-def test_images_missing_from_the_input_become_error_rows():
+def test_images_missing_from_the_input_are_found_by_streaming_the_listing():
     grouped = group_prompt_rows([{"uri": "s3://b/here.jpg", "boxes": [[0, 0, 1, 1]]},
                                  {"uri": "s3://b/gone.jpg", "boxes": [[0, 0, 1, 1]]}])
-    (row,) = missing_image_rows(grouped, ["s3://b/here.jpg", "s3://b/other.jpg"])
-    assert (row["uri"], row["status"]) == ("s3://b/gone.jpg", "error")
-    assert "not in --input" in row["error"]
+    assert missing_image_uris(grouped, iter(["s3://b/here.jpg", None, "s3://b/other.jpg"])) == ["s3://b/gone.jpg"]
     local = group_prompt_rows([{"uri": "file:///data/a.png", "boxes": [[0, 0, 1, 1]]}])
-    assert missing_image_rows(local, ["/data/a.png"]) == []  # file:// is optional for local paths
+    assert missing_image_uris(local, ["/data/a.png"]) == []  # file:// is optional for local paths
 
 
 # --- masks, against the reference predictor ---------------------------------------------------

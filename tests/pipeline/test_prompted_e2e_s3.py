@@ -114,7 +114,7 @@ def test_masks_equal_the_reference_predictor(job, bucket_data):
 def test_rerun_writes_nothing_new(job, s3):
     assert annotate_cli.main(COMMAND) == 0
     counts = run_counts(s3)
-    assert (counts["ok"], counts["failed"], counts["already_written"]) == (0, 0, 4)
+    assert (counts["ok"], counts["failed"], counts["units_planned"], counts["units_done_before"]) == (0, 0, 0, 2)
     rows = pq.read_table(f"annotations/{PREFIX}/out", filesystem=s3.filesystem())
     assert rows.num_rows == 4
 

@@ -55,7 +55,7 @@ def upload_corpus(s3) -> dict:
 
 def make_config(corpus, checkpoint, **overrides) -> AnnotateConfig:
     output = f"s3://annotations/{uuid.uuid4().hex[:8]}/out"
-    values = dict(input=corpus["input"], output=output, checkpoint=checkpoint["uri"], batch_size=2, rows_per_shard=2)
+    values = dict(input=corpus["input"], output=output, checkpoint=checkpoint["uri"], batch_size=2, rows_per_file=2)
     return AnnotateConfig(**{**values, **AMG, **overrides})
 
 
@@ -70,7 +70,7 @@ def read_rows(s3, output: str) -> list:
     return pq.read_table(output.removeprefix("s3://"), filesystem=arrow_s3(s3)).to_pylist()
 
 
-def shard_names(s3, output: str) -> list:
+def data_file_names(s3, output: str) -> list:
     fs = s3.filesystem()
     fs.invalidate_cache()
     return sorted(p.rsplit("/", 1)[1] for p in fs.glob(output.removeprefix("s3://") + "/part-*.parquet"))
@@ -82,7 +82,7 @@ def test_rows_equal_the_generator_run_directly_on_each_image(ray_session, s3, ch
     corpus = upload_corpus(s3)
     config = make_config(corpus, checkpoint)
     summary = run(config, progress=False)
-    assert (summary.ok, summary.failed, summary.listed) == (3, 0, 3)
+    assert (summary.ok, summary.failed, summary.units_committed, summary.units_planned) == (3, 0, 1, 1)
 
     rows = {row["uri"]: row for row in read_rows(s3, config.output)}
     assert sorted(rows) == sorted(corpus["bytes"])  # scheme kept, README.txt skipped, one row each
@@ -110,7 +110,7 @@ def test_rows_equal_the_generator_run_directly_on_each_image(ray_session, s3, ch
     manifest = json.loads(manifest_text)
     assert manifest["status"] == "complete"
     assert manifest["checkpoint_sha256"] == checkpoint["sha256"]
-    assert manifest["counts"]["ok"] == 3 and manifest["totals"]["rows"] == 3
+    assert manifest["counts"]["ok"] == 3 and manifest["totals"]["units_committed"] == 1
     assert manifest["config"]["points_per_side"] == AMG["points_per_side"]
     assert s3.secret_key not in manifest_text
     assert fs.exists(config.output.removeprefix("s3://") + "/_SUCCESS")
@@ -123,20 +123,20 @@ def test_resume_rerun_new_inputs_and_overwrite(ray_session, s3, checkpoint):
 
     config.limit = None  # the rest of the corpus: only the missing image is processed
     resumed = run(config, progress=False)
-    assert (resumed.processed, resumed.already_written) == (1, 2)
-    shards = shard_names(s3, config.output)
+    assert (resumed.processed, resumed.units_done_before) == (1, 1)
+    files = data_file_names(s3, config.output)
 
     def no_ray_needed():
         raise AssertionError("a rerun with nothing to do must not start Ray")
 
-    rerun = run(config, progress=False, connect=no_ray_needed)  # complete: no work, no new shard
-    assert (rerun.processed, rerun.already_written) == (0, 3)
-    assert shard_names(s3, config.output) == shards
+    rerun = run(config, progress=False, connect=no_ray_needed)  # complete: no work, no new file
+    assert (rerun.processed, rerun.units_planned, rerun.units_done_before) == (0, 0, 2)
+    assert data_file_names(s3, config.output) == files
 
-    new_uri = corpus["input"] + "late/p3.png"
+    new_uri = corpus["input"] + "late/p3.png"  # a late arrival, listed between the others
     s3.filesystem().pipe(new_uri, encode(real_photos()[0][::2, ::2].copy(), "p3.png"))
     extended = run(config, progress=False)
-    assert extended.processed == 1
+    assert (extended.processed, extended.units_planned) == (1, 1)
     uris = [row["uri"] for row in read_rows(s3, config.output)]
     assert len(uris) == len(set(uris)) == 4 and new_uri in uris
 
@@ -145,7 +145,9 @@ def test_resume_rerun_new_inputs_and_overwrite(ray_session, s3, checkpoint):
 
     config.overwrite = True
     fresh = run(config, progress=False)
-    assert (fresh.processed, fresh.already_written) == (4, 0)
-    assert all(name.startswith("part-0001-") for name in shard_names(s3, config.output))
+    assert (fresh.processed, fresh.units_done_before) == (4, 0)
+    fs = s3.filesystem()
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(config.output.removeprefix("s3://") + "/_listings")] == ["0001.parquet"]
     uris = [row["uri"] for row in read_rows(s3, config.output)]
     assert len(uris) == len(set(uris)) == 4

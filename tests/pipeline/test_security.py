@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import AnnotateConfig
+from pipeline.sink import DATA_FILE
+from pipeline.units import UNIT_ID_PATTERN
 from pipeline.redact import (
     MASK,
     RedactingFilter,
@@ -151,7 +153,8 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
 
 # --- The real job with credentials set, and hostile input names --------------------------------
 
-OUR_OUTPUT_NAME = re.compile(r"^(part-\d{4,}-\d{6,}\.parquet|_run\.json|_SUCCESS|_runs/\d{4,}\.json)$")
+OUR_OUTPUT_NAME = re.compile(
+    rf"^({DATA_FILE.pattern[1:-1]}|_run\.json|_SUCCESS|_runs/\d{{4,}}\.json|_commits/{UNIT_ID_PATTERN}\.json)$")
 HOSTILE_NAMES = ["..jpg", "-rf .jpg", "$(touch pwned).jpg", "名前 with spaces.jpg", "%2e%2e%2fx.jpg", "a;b|c&d.jpg"]
 
 
@@ -178,12 +181,12 @@ def test_hostile_input_names_never_shape_output_names(ray_session, tmp_path):
     before = tree(tmp_path)
 
     config = AnnotateConfig(input=str(manifest), output=str(tmp_path / "out"), checkpoint="unused",
-                            num_actors=1, batch_size=4, rows_per_shard=3)
+                            num_actors=1, batch_size=4, rows_per_file=3, unit_size=4)
     run(config, progress=False, stage=(StandInAnnotator, {"config": config.to_dict()}))
 
     written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert written and all(OUR_OUTPUT_NAME.match(name) for name in written), written
-    assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in written} | {"out/_runs"}
+    assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in written} | {"out/_runs", "out/_commits"}
     assert not list(Path("/").glob("pwned")) and not (tmp_path / "pwned").exists()
     rows = pq.read_table(str(tmp_path / "out")).to_pylist()
     assert sorted(r["uri"] for r in rows) == sorted(uris)  # kept exactly as listed, never rewritten

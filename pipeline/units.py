@@ -1,0 +1,354 @@
+"""Units of work: the input cut into deterministic pieces, each with a stable id of our own.
+
+A unit is what one read task turns into items (one input image each), what the workers write
+under names derived from it, and what one commit record (`_commits/<unit id>.json`) marks as
+done. Its id comes from our naming only, never from an input name:
+
+    <kind>-<sha256(source key)[:12]>-<start>-<stop>
+
+| kind | source                                                  | start, stop                              |
+|------|---------------------------------------------------------|------------------------------------------|
+| txt  | a `.txt` manifest, one URI a line                       | bytes: the lines that *start* in [start, stop) |
+| pq   | a `.parquet` manifest with a `uri` column               | rows [start, stop)                       |
+| ls   | a listing snapshot we wrote, `_listings/<run>.parquet`  | rows [start, stop)                       |
+
+Planning (``plan_units``) covers what the committed units do not: for each source it takes the
+committed ranges from the unit ids alone (one listing of `_commits/`, no object read), and cuts
+every range left over into units on a fixed grid of ``span`` items (bytes for `txt`). So:
+- a rerun after completion plans nothing;
+- lines appended to a manifest, or rows to a Parquet manifest, become new units after the old;
+- a prefix or glob is listed afresh each run, and only the objects that no earlier snapshot
+  holds go into a new snapshot (``new_entries``): late arrivals are picked up, nothing twice;
+- a unit that was planned but never committed is planned again, and the sink removes what it
+  left behind before anything is rewritten (``pipeline.sink.Output.remove_uncommitted``).
+
+The driver holds the planned units and the committed ids: state that grows with units, not with
+images. Manifests are read on the workers (`pipeline.read`), listings are streamed.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import sources
+from pipeline.redact import redact_text
+
+KIND_TEXT = "txt"
+KIND_PARQUET = "pq"
+KIND_LISTING = "ls"
+KIND_PROMPT_ORPHANS = "po"
+KINDS = (KIND_TEXT, KIND_PARQUET, KIND_LISTING, KIND_PROMPT_ORPHANS)
+
+UNIT_ID_PATTERN = r"(?:txt|pq|ls|po)-[0-9a-f]{12}-\d+-\d+"
+_UNIT_ID = re.compile(rf"^(?P<kind>[a-z]+)-(?P<source>[0-9a-f]{{12}})-(?P<start>\d+)-(?P<stop>\d+)$")
+
+DEFAULT_UNIT_SIZE = 1024
+# Bytes of a text manifest sampled to turn images per unit into bytes per unit.
+TEXT_SAMPLE_BYTES = 64 * 1024
+LISTING_DIR = "_listings"
+LISTING_ROW_GROUP = 64 * 1024
+
+
+class InputError(ValueError):
+    """The input cannot be used as given (missing, empty, malformed); the message says why."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work.
+
+    ``source`` is the URI of the file the unit reads (a manifest or our listing snapshot);
+    ``source_key`` the stable identity its id is derived from: the canonical URI of a manifest,
+    or ``listing:<name>`` for a snapshot (so an output that moves keeps its ids).
+    ``size`` is the number of items where planning knows it exactly (rows), else None.
+    ``entries`` are the item URIs of a unit that carries them itself (``po``).
+    """
+
+    kind: str
+    source: str
+    source_key: str
+    start: int
+    stop: int
+    size: Optional[int] = None
+    entries: Tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return unit_id(self.kind, self.source_key, self.start, self.stop)
+
+    def to_row(self) -> dict:
+        """The unit as one row of the plan's input Dataset."""
+        return {"unit": self.id, **asdict(self), "size": -1 if self.size is None else self.size,
+                "entries": list(self.entries)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Unit":
+        size = int(row["size"])
+        return cls(kind=str(row["kind"]), source=str(row["source"]), source_key=str(row["source_key"]),
+                   start=int(row["start"]), stop=int(row["stop"]), size=None if size < 0 else size,
+                   entries=tuple(str(e) for e in row["entries"]))
+
+
+def source_hash(source_key: str) -> str:
+    return hashlib.sha256(source_key.encode("utf-8")).hexdigest()[:12]
+
+
+def unit_id(kind: str, source_key: str, start: int, stop: int) -> str:
+    return f"{kind}-{source_hash(source_key)}-{start}-{stop}"
+
+
+def parse_unit_id(name: str) -> Optional[Tuple[str, str, int, int]]:
+    """(kind, source hash, start, stop) of one of our unit ids, or None."""
+    match = _UNIT_ID.match(name)
+    if not match or match["kind"] not in KINDS:
+        return None
+    return match["kind"], match["source"], int(match["start"]), int(match["stop"])
+
+
+def committed_ranges(committed: Iterable[str]) -> Dict[Tuple[str, str], List[Tuple[int, int]]]:
+    """Committed unit ids grouped per (kind, source hash) as sorted [start, stop) ranges."""
+    ranges: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
+    for name in committed:
+        parsed = parse_unit_id(name)
+        if parsed:
+            kind, source, start, stop = parsed
+            ranges.setdefault((kind, source), []).append((start, stop))
+    return {key: sorted(value) for key, value in ranges.items()}
+
+
+def uncovered(total: int, covered: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The parts of [0, total) that no range in ``covered`` (sorted) contains."""
+    gaps, position = [], 0
+    for start, stop in covered:
+        if start > position:
+            gaps.append((position, min(start, total)))
+        position = max(position, stop)
+        if position >= total:
+            break
+    if position < total:
+        gaps.append((position, total))
+    return [(a, b) for a, b in gaps if b > a]
+
+
+def cut(gaps: Iterable[Tuple[int, int]], span: int) -> Iterator[Tuple[int, int]]:
+    """Each gap cut at the multiples of ``span``: the same grid whatever was committed before."""
+    for start, stop in gaps:
+        while start < stop:
+            boundary = min(stop, (start // span + 1) * span)
+            yield start, boundary
+            start = boundary
+
+
+def units_of_source(kind: str, source: str, source_key: str, total: int, span: int,
+                    committed: Dict[Tuple[str, str], List[Tuple[int, int]]], exact_size: bool) -> List[Unit]:
+    """The units still to do for one source of ``total`` items (or bytes)."""
+    covered = committed.get((kind, source_hash(source_key)), [])
+    if covered and covered[-1][1] > total:
+        raise InputError(
+            f"{source} is shorter than when it was annotated ({total} {'rows' if exact_size else 'bytes'} now, "
+            f"{covered[-1][1]} done): manifests must only grow; use --overwrite or another --output")
+    return [Unit(kind, source, source_key, start, stop, size=(stop - start) if exact_size else None)
+            for start, stop in cut(uncovered(total, covered), span)]
+
+
+# --- Planning ---------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a run will do: the units, and a listing snapshot to publish first (if any)."""
+
+    units: List[Unit]
+    # All of the input as whole-source units, to stream every item when a mode must (prompted
+    # mode looks for prompted images that the input does not hold).
+    extent: List[Unit] = field(default_factory=list)
+    snapshot_local_path: Optional[str] = None  # staged here; the run copies it into the output
+    snapshot_name: Optional[str] = None        # `_listings/<name>.parquet`
+    new_listed: int = 0                          # objects in that snapshot
+
+    def iter_input_uris(self, storage_options: dict) -> Iterator[Optional[str]]:
+        """Every item URI of the input, streamed (the staged snapshot is read where it is staged)."""
+        from pipeline.read import unit_uris
+
+        for whole in self.extent:
+            staged = whole.source == self.snapshot_local_path
+            yield from unit_uris(whole, {} if staged else storage_options)
+
+    @property
+    def known_items(self) -> Optional[int]:
+        sizes = [u.size for u in self.units]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+
+def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], *, unit_size: int,
+               limit: Optional[int], output, run_index: int, staging_dir: Optional[str] = None,
+               fresh_output: bool = False) -> Plan:
+    """Cut ``input_uri`` into the units that ``committed`` does not cover yet.
+
+    ``output`` is the ``pipeline.sink.Output`` (its earlier listing snapshots are diffed against
+    a fresh listing, unless ``fresh_output``: --overwrite); ``run_index`` names a new snapshot.
+    Raises ``InputError`` for an input that is missing or holds no image, with a one-line message.
+    """
+    fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
+    ranges = committed_ranges(committed)
+    kind = manifest_kind(fs, path)
+    if kind == KIND_TEXT:
+        total = text_manifest_extent(fs, path, limit)
+        span = text_span(fs, path, unit_size)
+        key = canonical(fs, path)
+        return Plan(units_of_source(KIND_TEXT, input_uri, key, total, span, ranges, exact_size=False),
+                    extent=[Unit(KIND_TEXT, input_uri, key, 0, total)])
+    if kind == KIND_PARQUET:
+        total = parquet_manifest_rows(fs, path)
+        total = total if limit is None else min(total, limit)
+        key = canonical(fs, path)
+        return Plan(units_of_source(KIND_PARQUET, input_uri, key, total, unit_size, ranges, exact_size=True),
+                    extent=[Unit(KIND_PARQUET, input_uri, key, 0, total, total)])
+    return _plan_listing(input_uri, storage_options, ranges, unit_size, limit, output, run_index, staging_dir,
+                         fresh_output)
+
+
+def manifest_kind(fs, path: str) -> Optional[str]:
+    """``txt`` / ``pq`` when ``path`` names a manifest file, None for a prefix or glob."""
+    if sources.has_glob(path):
+        return None
+    lowered = path.lower()
+    kind = KIND_TEXT if lowered.endswith(sources.MANIFEST_TEXT) else (
+        KIND_PARQUET if lowered.endswith(sources.MANIFEST_PARQUET) else None)
+    if kind is None or fs.isfile(path):
+        return kind
+    if fs.isdir(path):  # a folder that happens to be named like a manifest is a prefix
+        return None
+    raise InputError(f"--input manifest {redact_text(canonical(fs, path))} does not exist")
+
+
+def canonical(fs, path: str) -> str:
+    """One spelling per file (`./list.txt` and `/abs/list.txt` agree), so unit ids survive retyping."""
+    return fs.unstrip_protocol(path)
+
+
+def text_manifest_extent(fs, path: str, limit: Optional[int]) -> int:
+    """Bytes of the manifest to cover: all of it, or up to the end of its ``limit``-th URI."""
+    if limit is None:
+        return int(fs.size(path))
+    count = position = 0
+    with fs.open(path, "rb") as handle:
+        while count < limit:
+            line = handle.readline()
+            if not line:
+                break
+            position += len(line)
+            count += is_manifest_entry(line)
+    return position
+
+
+def text_span(fs, path: str, unit_size: int) -> int:
+    """Bytes per unit: ``unit_size`` lines at the average line length of the manifest's head."""
+    with fs.open(path, "rb") as handle:
+        head = handle.read(TEXT_SAMPLE_BYTES)
+    lines = max(1, head.count(b"\n"))
+    return max(1, round(unit_size * len(head) / lines))
+
+
+def is_manifest_entry(line: bytes) -> bool:
+    text = line.strip()
+    return bool(text) and not text.startswith(b"#")
+
+
+def parquet_manifest_rows(fs, path: str) -> int:
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        if "uri" not in parquet.schema_arrow.names:
+            raise InputError(f"manifest {fs.unstrip_protocol(path)} has no 'uri' column "
+                             f"(columns: {parquet.schema_arrow.names})")
+        return parquet.metadata.num_rows
+
+
+# --- Listings: prefixes and globs ---------------------------------------------------------------
+
+def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int, limit: Optional[int],
+                  output, run_index: int, staging_dir: Optional[str], fresh_output: bool) -> Plan:
+    fresh = sources.iter_image_uris(input_uri, storage_options)
+    if limit is not None:
+        fresh = _first(fresh, limit)
+    snapshots = [] if fresh_output else output.listing_snapshots()
+    new = new_entries(fresh, [output.iter_listing(name) for name in snapshots])
+    name = f"{run_index:04d}"
+    staged, count = _stage_snapshot(new, staging_dir)
+    if count == 0 and (not snapshots or not sources.input_exists(input_uri, storage_options)):
+        os.unlink(staged)
+        if not sources.input_exists(input_uri, storage_options):
+            raise InputError(f"--input {redact_text(input_uri)} does not exist")
+        raise InputError(f"--input {redact_text(input_uri)} holds no image files "
+                         f"(extensions: {' '.join(sorted(sources.IMAGE_EXTENSIONS))})")
+    listings = [(output.listing_uri(s), s, output.listing_rows(s)) for s in snapshots]
+    if count:
+        listings.append((staged, name, count))
+    units, extent = [], []
+    for uri, snapshot, rows in listings:
+        key = f"listing:{snapshot}"
+        source = output.listing_uri(snapshot)  # the staged one is published there before any read
+        units += units_of_source(KIND_LISTING, source, key, rows, unit_size, ranges, exact_size=True)
+        extent.append(Unit(KIND_LISTING, uri, key, 0, rows, rows))
+    if not count:
+        os.unlink(staged)
+        return Plan(units, extent)
+    return Plan(units, extent, snapshot_local_path=staged, snapshot_name=name, new_listed=count)
+
+
+def _first(items: Iterator[str], limit: int) -> Iterator[str]:
+    for index, item in enumerate(items):
+        if index >= limit:
+            return
+        yield item
+
+
+def new_entries(fresh: Iterable[str], previous: Sequence[Iterable[str]]) -> Iterator[str]:
+    """The URIs of ``fresh`` that no earlier snapshot holds; all in listing order, streamed.
+
+    Every snapshot, and the fresh listing, are sorted by ``sources.listing_key``: a merge of the
+    old ones and one pass over the new one keep memory bounded by a batch of each.
+    """
+    old = heapq.merge(*previous, key=sources.listing_key)
+    current = next(old, None)
+    for uri in fresh:
+        key = sources.listing_key(uri)
+        while current is not None and sources.listing_key(current) < key:
+            current = next(old, None)
+        if current is not None and current == uri:
+            continue
+        yield uri
+
+
+def _stage_snapshot(uris: Iterable[str], staging_dir: Optional[str]) -> Tuple[str, int]:
+    """Write ``uris`` to a local Parquet file in row groups; (path, count)."""
+    handle, path = tempfile.mkstemp(prefix="listing-", suffix=".parquet", dir=staging_dir)
+    os.close(handle)
+    schema = pa.schema([pa.field("uri", pa.string(), nullable=False)])
+    count, pending = 0, []
+    with pq.ParquetWriter(path, schema) as writer:
+        for uri in uris:
+            pending.append(uri)
+            if len(pending) == LISTING_ROW_GROUP:
+                writer.write_table(pa.table({"uri": pending}, schema=schema))
+                count, pending = count + len(pending), []
+        if pending or count == 0:
+            writer.write_table(pa.table({"uri": pending}, schema=schema))
+            count += len(pending)
+    return path, count
+
+
+def listing_name_ok(name: str) -> bool:
+    return bool(re.fullmatch(r"\d{4,}", name))
+
+
+__all__ = ["DEFAULT_UNIT_SIZE", "InputError", "Plan", "Unit", "committed_ranges", "cut", "new_entries",
+           "parse_unit_id", "plan_units", "uncovered", "unit_id", "LISTING_DIR", "UNIT_ID_PATTERN"]

@@ -1,0 +1,203 @@
+"""Units of work: stable ids, a fixed grid, manifests cut so that every entry lands in one unit,
+and listings that pick up late arrivals without repeating anything."""
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import units
+from pipeline.read import parquet_uris, text_manifest_entries, unit_uris
+from pipeline.sink import Output
+from pipeline.units import InputError, Unit
+
+
+def test_uncovered_and_cut_keep_one_grid_whatever_was_committed():
+    assert units.uncovered(10, []) == [(0, 10)]
+    assert units.uncovered(10, [(0, 3), (5, 8)]) == [(3, 5), (8, 10)]
+    assert units.uncovered(10, [(0, 10)]) == []
+    assert list(units.cut([(0, 10)], 4)) == [(0, 4), (4, 8), (8, 10)]
+    # A gap left by --limit (0-3 done) is cut on the same grid as a fresh plan would be.
+    assert list(units.cut(units.uncovered(10, [(0, 3)]), 4)) == [(3, 4), (4, 8), (8, 10)]
+
+
+def test_unit_ids_are_our_names_and_parse_back():
+    unit = Unit(units.KIND_TEXT, "s3://b/../../etc/passwd;rm -rf.txt", "s3://b/../../etc/passwd;rm -rf.txt", 4096, 8192)
+    assert unit.id.startswith("txt-") and "passwd" not in unit.id and "/" not in unit.id
+    assert units.parse_unit_id(unit.id) == ("txt", units.source_hash(unit.source_key), 4096, 8192)
+    assert units.parse_unit_id("part-0001-000000") is None and units.parse_unit_id("zz-0123456789ab-0-1") is None
+    assert Unit.from_row(unit.to_row()) == unit
+
+
+def write_manifest(path, entries, seed=0):
+    """Entries with blank lines, comments, CRLF and no final newline mixed in."""
+    rng = random.Random(seed)
+    lines = []
+    for entry in entries:
+        if rng.random() < 0.2:
+            lines.append(rng.choice(["", "# comment", "   "]))
+        lines.append(entry + ("\r" if rng.random() < 0.1 else ""))
+    path.write_bytes("\n".join(lines).encode())
+
+
+def uris_of(plan, options=None):
+    return [uri for unit in plan.units for uri in unit_uris(unit, options or {})]
+
+
+def plan(input_uri, committed=(), unit_size=4, limit=None, output=None, run_index=1):
+    return units.plan_units(str(input_uri), {}, set(committed), unit_size=unit_size, limit=limit,
+                            output=output, run_index=run_index)
+
+
+@pytest.mark.parametrize("unit_size", [1, 3, 7, 50])
+def test_text_manifest_byte_ranges_give_every_entry_to_exactly_one_unit(tmp_path, unit_size):
+    entries = [f"s3://bucket/{'x' * random.Random(i).randrange(1, 40)}/{i}.jpg" for i in range(103)]
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, entries)
+    planned = plan(manifest, unit_size=unit_size)
+    assert len(planned.units) > 1 or unit_size == 50
+    assert uris_of(planned) == entries  # in order, none lost, none twice
+    assert planned.known_items is None  # line counts are not known without reading the file
+
+
+def test_appended_lines_become_new_units_after_the_committed_ones(tmp_path):
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, [f"s3://b/{i}.jpg" for i in range(20)])
+    first = plan(manifest)
+    committed = {unit.id for unit in first.units}
+    assert plan(manifest, committed).units == []  # a rerun after completion plans nothing
+    with open(manifest, "a") as handle:  # late arrivals: new lines at the end
+        handle.write("\ns3://b/late-1.jpg\ns3://b/late-2.jpg\n")
+    second = plan(manifest, committed)
+    assert uris_of(second) == ["s3://b/late-1.jpg", "s3://b/late-2.jpg"]
+    assert not {unit.id for unit in second.units} & committed
+
+
+def test_an_uncommitted_unit_is_planned_again_with_the_same_id(tmp_path):
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, [f"s3://b/{i}.jpg" for i in range(20)])
+    first = plan(manifest)
+    committed = {unit.id for unit in first.units[::2]}
+    again = plan(manifest, committed)
+    assert [unit.id for unit in again.units] == [unit.id for unit in first.units[1::2]]
+
+
+def test_text_manifest_limit_covers_the_first_n_entries_and_a_later_run_the_rest(tmp_path):
+    entries = [f"s3://b/{i}.jpg" for i in range(30)]
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, entries, seed=3)
+    limited = plan(manifest, limit=7)
+    assert uris_of(limited) == entries[:7]
+    rest = plan(manifest, {unit.id for unit in limited.units})
+    assert uris_of(rest) == entries[7:]
+
+
+def test_the_same_manifest_spelled_another_way_keeps_its_unit_ids(tmp_path, monkeypatch):
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, [f"s3://b/{i}.jpg" for i in range(9)])
+    monkeypatch.chdir(tmp_path)
+    assert [u.id for u in plan("list.txt").units] == [u.id for u in plan(f"file://{manifest}").units]
+
+
+def test_a_manifest_that_shrank_is_refused(tmp_path):
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, [f"s3://b/{i}.jpg" for i in range(20)])
+    committed = {unit.id for unit in plan(manifest).units}
+    manifest.write_text("s3://b/0.jpg\n")
+    with pytest.raises(InputError, match="shorter than when it was annotated"):
+        plan(manifest, committed)
+
+
+def test_parquet_manifest_rows_are_cut_by_row_groups_and_limit(tmp_path):
+    manifest = tmp_path / "list.parquet"
+    values = [f"s3://b/{i}.jpg" if i % 7 else None for i in range(40)]
+    pq.write_table(pa.table({"uri": values, "other": list(range(40))}), manifest, row_group_size=9)
+    planned = plan(manifest, unit_size=6)
+    assert uris_of(planned) == values and planned.known_items == 40
+    assert [u.size for u in planned.units][:2] == [6, 6]
+    assert uris_of(plan(manifest, unit_size=6, limit=13)) == values[:13]
+
+
+def test_parquet_manifest_without_uri_column_is_a_clear_error(tmp_path):
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"]}), manifest)
+    with pytest.raises(InputError, match="no 'uri' column"):
+        plan(manifest)
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    output = Output(str(tmp_path / "out"))
+    with pytest.raises(InputError, match="does not exist"):
+        plan(tmp_path / "nope", output=output)
+    with pytest.raises(InputError, match="does not exist"):
+        plan(tmp_path / "nope.txt", output=output)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no images here")
+    with pytest.raises(InputError, match="holds no image files"):
+        plan(tmp_path / "empty", output=output)
+
+
+def test_new_entries_streams_the_difference_in_listing_order():
+    old_a = ["s/a/1.jpg", "s/a/3.jpg", "s/b/1.jpg"]
+    old_b = ["s/a/2.jpg", "s/c.jpg"]
+    fresh = ["s/a/1.jpg", "s/a/2.jpg", "s/a/2b.jpg", "s/a/3.jpg", "s/b/1.jpg", "s/b/9.jpg", "s/c.jpg", "s/d.jpg"]
+    assert list(units.new_entries(iter(fresh), [iter(old_a), iter(old_b)])) == ["s/a/2b.jpg", "s/b/9.jpg", "s/d.jpg"]
+
+
+def publish(output, planned):
+    if planned.snapshot_name:
+        output.publish_listing(planned.snapshot_local_path, planned.snapshot_name)
+
+
+def test_a_prefix_is_snapshotted_and_late_arrivals_get_only_their_own_units(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "c.jpg", "sub/b.png", "sub/d.png", "e.jpg"):
+        (images / name).write_bytes(b"x")
+    output = Output(str(tmp_path / "out"))
+    first = plan(images, output=output, unit_size=2, run_index=1)
+    publish(output, first)
+    assert first.snapshot_name == "0001" and first.new_listed == 5 and len(first.units) == 3
+    assert [u.rsplit("/images/", 1)[1] for u in uris_of(first)] == ["a.jpg", "c.jpg", "e.jpg", "sub/b.png",
+                                                                    "sub/d.png"]
+    committed = {unit.id for unit in first.units}
+    rerun = plan(images, committed, output=output, unit_size=2, run_index=2)
+    assert rerun.units == [] and rerun.snapshot_name is None
+
+    (images / "sub" / "c2.png").write_bytes(b"x")  # a late arrival in the middle of the order
+    late = plan(images, committed, output=output, unit_size=2, run_index=2)
+    publish(output, late)
+    assert late.snapshot_name == "0002" and late.new_listed == 1
+    assert uris_of(late) == [str(images / "sub" / "c2.png")]
+    assert output.listing_snapshots() == ["0001", "0002"]
+    assert output.next_run_index() == 3  # a snapshot takes its run index even without a manifest
+
+
+def test_a_listing_limit_extends_on_a_later_run(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        (images / f"{i}.jpg").write_bytes(b"x")
+    output = Output(str(tmp_path / "out"))
+    first = plan(images, output=output, limit=2)
+    publish(output, first)
+    assert [u.rsplit("/", 1)[1] for u in uris_of(first)] == ["0.jpg", "1.jpg"]
+    rest = plan(images, {u.id for u in first.units}, output=output, run_index=2)
+    publish(output, rest)
+    assert [u.rsplit("/", 1)[1] for u in uris_of(rest)] == ["2.jpg", "3.jpg", "4.jpg"]
+
+
+def test_readers_of_text_and_parquet_units_take_exactly_their_range(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    manifest = tmp_path / "m.txt"
+    manifest.write_bytes(b"aa\nbbb\ncc\n")
+    # bytes: "aa\n" 0-2, "bbb\n" 3-6, "cc\n" 7-9; a range owns the lines that start in it
+    assert list(text_manifest_entries(fs, str(manifest), 0, 1)) == ["aa"]
+    assert list(text_manifest_entries(fs, str(manifest), 1, 4)) == ["bbb"]
+    assert list(text_manifest_entries(fs, str(manifest), 4, 7)) == []
+    assert list(text_manifest_entries(fs, str(manifest), 7, 10)) == ["cc"]
+    table = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": [str(i) for i in range(10)]}), table, row_group_size=3)
+    assert list(parquet_uris(fs, str(table), 2, 8)) == [str(i) for i in range(2, 8)]
