@@ -1,7 +1,8 @@
-"""Faults of issue 5 that a test can afford: every input keeps exactly one row.
+"""Faults that a test can afford: every input keeps exactly one row.
 
 - an annotator actor killed (SIGKILL) in the middle of a batch;
-- the driver killed mid-run, then the same command rerun;
+- the driver killed in the middle of a unit, then the same command rerun;
+- a worker node lost mid-run on a head-plus-two-workers ``ray.cluster_utils.Cluster``;
 - the model failing to load: missing, corrupt, wrong format, wrong sha256 (on the driver,
   before any image), and failing inside the actors (the job stops with the message);
 - a batch made only of objects that vanished (all-null columns through Ray Data).
@@ -148,6 +149,64 @@ def test_driver_killed_in_the_middle_of_a_unit_then_rerun_completes_the_rest(tmp
     assert sorted(uris) == sorted(inputs)  # the stale half unit was replaced, not duplicated
     assert len(list((out / "_commits").glob("*.json"))) == 5
     assert (out / "_SUCCESS").exists()
+
+
+NODE_LOSS_DRIVER = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.config import AnnotateConfig
+    from pipeline.run import run
+    from tests.pipeline.faulty_stages import SlowAnnotator
+
+    images, out = sys.argv[1], sys.argv[2]
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS")}
+    store = 80 * 2**20
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=store) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": env})
+    config = AnnotateConfig(input=images, output=out, checkpoint="unused", num_actors=2, batch_size=2,
+                            rows_per_file=4, unit_size=8)
+
+    def lose_a_worker_after_the_first_commit():
+        while not list(Path(out, "_commits").glob("*.json")):
+            time.sleep(0.05)
+        done = len(list(Path(out, "_commits").glob("*.json")))
+        cluster.remove_node(workers[0])  # as a preempted node goes: its actor, tasks and objects with it
+        print("REMOVED after", done, "commits", flush=True)
+
+    threading.Thread(target=lose_a_worker_after_the_first_commit, daemon=True).start()
+    summary = run(config, progress=False, stage=(SlowAnnotator, {"config": config.to_dict()}))
+    print("SUMMARY", summary.units_committed, summary.units_planned, summary.ok, summary.failed, flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_a_worker_node_lost_mid_run_and_the_run_finishes_by_itself(tmp_path):
+    """Head plus two worker nodes on this machine (ray.cluster_utils.Cluster); one is removed mid-run."""
+    inputs = write_images(tmp_path / "images", 96)  # 12 units
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": "0.4", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-c", NODE_LOSS_DRIVER, str(tmp_path / "images"), str(tmp_path / "out")],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        log, _ = job.communicate()
+    finally:
+        stop_group(job)
+    assert job.returncode == 0, log[-3000:]
+    removed = next(line for line in log.splitlines() if line.startswith("REMOVED"))
+    assert int(removed.split()[2]) < 12, "the node was removed after the run had committed everything"
+    summary = next(line for line in log.splitlines() if line.startswith("SUMMARY"))
+    assert list(map(int, summary.split()[1:])) == [12, 12, len(inputs), 0]
+    uris = [row["uri"] for row in read_rows(tmp_path / "out")]
+    assert sorted(uris) == sorted(inputs)  # rows = inputs, no duplicates
+    assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def test_batch_of_only_vanished_objects_still_gives_one_clean_row_each(ray_session, tmp_path):
