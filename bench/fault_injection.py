@@ -172,7 +172,7 @@ def read_output(fs, output: str) -> tuple:
 def shard_count(fs, output: str) -> int:
     try:
         fs.invalidate_cache()
-        return sum(1 for p in fs.find(output) if p.endswith(".parquet"))
+        return sum(1 for p in fs.find(output) if p.rsplit("/", 1)[-1].startswith("part-"))
     except Exception:
         return 0
 
@@ -337,7 +337,8 @@ def main() -> int:
         def job_args(output: str) -> list:
             return ["--input", "s3://bench/images/", "--output", f"s3://{output}", "--checkpoint", checkpoint,
                     "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-                    "--num-actors", "1", "--batch-size", "2", "--rows-per-shard", "4", "--no-progress"]
+                    "--num-actors", "1", "--batch-size", "2", "--rows-per-file", "4", "--unit-size", "8",
+                    "--no-progress"]
 
         for name in args.scenarios.split(","):
             started = time.monotonic()

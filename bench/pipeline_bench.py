@@ -93,7 +93,7 @@ def pipeline_run(config) -> tuple[dict, dict]:
     from pipeline.run import run
 
     clock = Clock()
-    run(config, progress=False, on_rows=lambda table: clock.delivered(table.num_rows))
+    run(config, progress=False, on_write=lambda results: clock.delivered(sum(results.column("rows").to_pylist())))
     figures = clock.figures()
     figures["total_s"] = round(time.perf_counter() - clock.start, 3)  # manifest and marker included
     rows = pq.read_table(config.output, columns=["uri", "masks"]).to_pylist()
