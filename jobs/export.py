@@ -37,16 +37,18 @@ SA1B_MASK_FIELDS = ("segmentation", "area", "bbox", "predicted_iou", "point_coor
 
 
 def parquet_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The Parquet shards under ``uri`` (a directory or a single file), sorted for a stable order.
+    """The Parquet data files under ``uri`` (a directory or a single file), sorted for a stable order.
 
-    Files whose name starts with ``_`` or ``.`` (run manifest, markers, temporaries) are skipped.
+    As pyarrow's dataset discovery does, names below ``uri`` that start with ``_`` or ``.`` are
+    skipped, files and folders alike (commit records, listing snapshots, manifests, temporaries).
     """
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if fs.isfile(path):
         return fs, [path]
+    root = path.rstrip("/") + "/"
     files = [
         p for p in fs.find(path)
-        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", "."))
+        if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/"))
     ]
     if not files:
         raise FileNotFoundError(f"no .parquet files under {uri}")

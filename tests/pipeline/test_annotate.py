@@ -75,3 +75,34 @@ def test_a_failing_batch_is_retried_image_by_image_and_only_the_bad_one_fails():
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert "bad image" in rows[1]["error"] and (rows[1]["width"], rows[1]["height"]) == (9, 13)
     assert rows[2]["num_masks"] == len(fake_records(images[2]))
+
+
+def test_one_map_batches_call_adds_the_annotate_stage_to_any_dataset_of_images(ray_session, tmp_path):
+    """The public building block: ray.data.read_images -> map_batches(Annotator, ...), as the docstring shows."""
+    import ray
+    from PIL import Image
+
+    from sam_core import AutomaticMaskGenerator, load_sam
+    from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint
+
+    checkpoint = str(save_official_checkpoint(make_official_sam(seed=2), tmp_path / "tiny.pth"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = real_photos()[:2]
+    for k, image in enumerate(photos):
+        Image.fromarray(image).save(folder / f"p{k}.png")
+    amg = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+    images = ray.data.read_images(str(folder), include_paths=True, mode="RGB")
+    annotated = images.map_batches(Annotator, fn_constructor_kwargs={"checkpoint": checkpoint, **amg},
+                                   compute=ray.data.ActorPoolStrategy(size=1), batch_size=2)
+    rows = {row["uri"].rsplit("/", 1)[1]: row for row in annotated.take_all()}
+
+    assert sorted(rows) == ["p0.png", "p1.png"]
+    generator = AutomaticMaskGenerator(load_sam(checkpoint), output_mode="coco_rle", **amg)
+    for k, image in enumerate(photos):
+        row = rows[f"p{k}.png"]
+        assert (row["status"], row["height"], row["width"]) == ("ok", *image.shape[:2])
+        expected = generator.generate(image)
+        assert row["num_masks"] == len(expected) > 0
+        assert [m["area"] for m in row["masks"]] == [r["area"] for r in expected]

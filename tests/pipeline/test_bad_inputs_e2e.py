@@ -121,3 +121,18 @@ def test_run_manifest_counts_agree_with_rows(bad_input_run):
     errors = sum(1 for r in rows.values() if r["status"] == "error")
     assert manifest["counts"]["failed"] == errors == summary.failed
     assert manifest["counts"]["ok"] == table.num_rows - errors
+
+
+def test_the_whole_output_reads_with_pyarrow_dataset_duckdb_and_the_export_reader(bad_input_run):
+    """No project code needed: the data files are the output; _commits/, _listings/, _runs/ are skipped."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    from jobs.export import iter_rows
+
+    _, _, _, table, rows, out = bad_input_run
+    assert (out / "_listings").is_dir() and (out / "_commits").is_dir()
+    assert sorted(ds.dataset(str(out), format="parquet").to_table().column("uri").to_pylist()) == sorted(rows)
+    found = duckdb.sql(f"SELECT uri FROM read_parquet('{out}/part-*.parquet')").fetchall()
+    assert sorted(uri for (uri,) in found) == sorted(rows)
+    assert sorted(row["uri"] for row in iter_rows(str(out), columns=["uri"])) == sorted(rows)
