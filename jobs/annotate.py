@@ -8,7 +8,7 @@ random-weight tiny model on local Ray, so a new user sees the whole job work off
 masks are meaningless; with a real `--checkpoint` the same command is the real job.
 
 This module only turns arguments into an `AnnotateConfig` (checked before anything else happens)
-and calls `pipeline.run.run`.
+and calls `pipeline.run.run`, with Ray's console kept to what may be wrong unless `--verbose`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"rows per Parquet file (default {defaults.rows_per_shard})")
     scale.add_argument("--ray-address", help="Ray cluster to join; default RAY_ADDRESS or a local Ray")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own lines too: its start-up, Ray Data's plan and progress, and the notices "
+                        "it prints on every run (default: our progress and summary, Ray's other warnings and errors)")
     return parser
 
 
@@ -142,19 +146,58 @@ def demo_checkpoint() -> Path:
     return path
 
 
-def init_ray(address: Optional[str]) -> None:
-    """Join the given or ambient (RAY_ADDRESS, `ray job submit`) cluster, or start a local Ray."""
+def init_ray(address: Optional[str], verbose: bool = False) -> None:
+    """Join the given or ambient (RAY_ADDRESS, `ray job submit`) cluster, or start a local Ray.
+
+    Unless `verbose`, Ray's console says only what may be wrong (see `quiet_ray_console`).
+    """
     import ray
 
+    if not verbose:
+        quiet_ray_console()
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"logging_level": logging.WARNING}  # not "Started a local Ray instance."
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     # Local Ray: workers must import this checkout even when it is not pip-installed.
     root = str(Path(__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **quiet)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Warnings Ray gave on every run, each its answer to a choice made on purpose; Ray Data's log file in the
+# session directory keeps its own. The "disabled" counterpart of the first one is kept: that one matters.
+_RAY_AUTH_NOTICE = _DropMessages("Token authentication is enabled for this Ray cluster")  # Ray's default
+_RAY_DATA_NOTICES = _DropMessages("Progress bars disabled")  # pipeline/run.py turns them off: we draw our own
+
+
+def quiet_ray_console() -> None:
+    """Ray's console lines on the driver: warnings and errors only, less the expected ones above."""
+    import ray.data  # noqa: F401  (its import sets up the "ray.data" logger's handlers, which we adjust)
+
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _RAY_AUTH_NOTICE not in auth.filters:
+        auth.addFilter(_RAY_AUTH_NOTICE)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":  # its file handlers keep Ray Data's full log
+            handler.setLevel(logging.WARNING)  # not the plan, start and end of every execution
+            if _RAY_DATA_NOTICES not in handler.filters:
+                handler.addFilter(_RAY_DATA_NOTICES)
+    # Ray Data warns when the actor pool is larger than the number of input blocks (a tiny corpus).
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -177,7 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sam_core import CheckpointError
 
     try:
-        summary = run(config, progress=not args.no_progress, connect=lambda: init_ray(args.ray_address))
+        summary = run(config, progress=not args.no_progress,
+                      connect=lambda: init_ray(args.ray_address, verbose=args.verbose))
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
         from pipeline.redact import redact_text
 

@@ -1,0 +1,49 @@
+"""What a run prints: our progress and summary, not the notices Ray gave on every run (issue 13).
+
+Each run is the real command in a fresh process with its own local Ray, as a user runs it: the
+notices come from Ray starting up and Ray Data planning, once per process, so they cannot be seen
+from inside the shared test session. One input and two CPU actors make Ray Data warn about the pool
+size as it did for a one-image corpus.
+"""
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+# A line of each notice, as Ray 2.60 prints it.
+RAY_NOTICES = {
+    "auth token": "Token authentication is enabled for this Ray cluster",
+    "local start": "Started a local Ray instance",
+    "Ray Data plan": "Starting execution of Dataset",
+    "progress bars": "Progress bars disabled",
+    "actor pool size": "The minimum number of concurrent actors",
+}
+
+
+def run_demo(tmp_path, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.annotate", "--demo", "--output", str(output), "--limit", "1",
+         "--num-actors", "2", "--gpus-per-actor", "0", *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sam-annotate: 1 ok, 0 failed" in result.stdout
+    assert (output / "_SUCCESS").exists()
+    return result
+
+
+def test_a_run_shows_our_progress_and_summary_without_rays_notices(tmp_path):
+    result = run_demo(tmp_path)
+    shown = {name: line for name, line in RAY_NOTICES.items() if line in result.stderr}
+    assert not shown, f"Ray notices still printed: {sorted(shown)}\n{result.stderr[-3000:]}"
+    assert "annotating: 100%" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verbose_brings_rays_own_lines_back(tmp_path):
+    result = run_demo(tmp_path, "--verbose")
+    missing = {name for name, line in RAY_NOTICES.items() if line not in result.stderr}
+    assert not missing, f"--verbose should show them: {sorted(missing)}\n{result.stderr[-3000:]}"
