@@ -188,7 +188,7 @@ def test_help_says_what_is_required_without_demo_and_shows_every_default(capsys)
             assert shown in action.help, f"{action.option_strings[0]} does not show its default {shown}"
 
 
-@pytest.mark.parametrize("command", ["annotate", "export"])
+@pytest.mark.parametrize("command", ["annotate", "export", "preview"])
 @pytest.mark.parametrize("text, says", [('{"secret": "s3cr3t-value-123', "not valid JSON"),
                                         ('["s3cr3t-value-123"]', "must be a JSON object")])
 def test_bad_storage_options_are_one_line_that_never_repeats_them(command, text, says, capsys):
