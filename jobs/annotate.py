@@ -7,24 +7,27 @@ Run with no arguments (or `--demo`) it annotates the photos bundled in `jobs/sam
 random-weight tiny model on local Ray, so a new user sees the whole job work offline. Those
 masks are meaningless; with a real `--checkpoint` the same command is the real job.
 
-This module only turns arguments into an `AnnotateConfig` and calls `pipeline.run.run`.
+This module only turns arguments into an `AnnotateConfig` (checked before anything else happens)
+and calls `pipeline.run.run`, with Ray's console kept to what may be wrong unless `--verbose`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline.config import AMG_FIELDS, AnnotateConfig
+from jobs.arguments import OneLineErrorParser, json_object
+from pipeline.config import AMG_FIELDS, MODEL_TYPES, MULTIMASK_MODES, AnnotateConfig, ConfigError, option_name
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 DEMO_OUTPUT = "demo-output"
+DEMO_CHECKPOINT = Path(tempfile.gettempdir()) / "sam-annotate-demo" / "random-tiny-sam-v1.pth"
 # The demo's random model: small enough for 2 CPU cores, same code path as a real checkpoint.
 DEMO_SIZES = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=2, window_size=8, global_attn_indexes=(1,), image_size=512
@@ -43,45 +46,60 @@ DEMO_NOTICE = """
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = AnnotateConfig(input="", output="", checkpoint="")
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="sam-annotate",
-        description="Annotate images with SAM automatic mask generation: one Parquet row per image, COCO-RLE masks.",
+        description="Annotate images with SAM automatic mask generation: one Parquet row per image, COCO-RLE masks. "
+        "--input, --output and --checkpoint are required unless --demo is given; "
+        "with no arguments at all it runs --demo.",
     )
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--input", help="prefix or glob (walked recursively for images), or a .txt / .parquet manifest of URIs")
-    io.add_argument("--output", help="output root (local path or fsspec URL)")
-    io.add_argument("--checkpoint", help="official .pth, or a Hugging Face SAM directory / model.safetensors (path or URL)")
-    io.add_argument("--checkpoint-sha256", help="refuse the checkpoint unless its sha256 is this")
-    io.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h"), help="default: read from the checkpoint")
-    io.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+    io.add_argument("--input", help="prefix or glob (walked recursively for images), or a .txt / .parquet manifest of "
+                    "URIs; required unless --demo (default there: the bundled sample photos)")
+    io.add_argument("--output", help="output root (local path or fsspec URL); required unless --demo "
+                    f"(default there: ./{DEMO_OUTPUT})")
+    io.add_argument("--checkpoint", help="official .pth, or a Hugging Face SAM directory / model.safetensors (path or "
+                    "URL); required unless --demo (default there: a random-weight tiny model)")
+    io.add_argument("--checkpoint-sha256", help="refuse the checkpoint unless its sha256 is this (default: not checked)")
+    io.add_argument("--model-type", choices=MODEL_TYPES, help="default: read from the checkpoint")
+    io.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                     help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
-                    "default: the standard AWS environment")
-    io.add_argument("--overwrite", action="store_true", help="delete this tool's files in --output and start clean")
-    io.add_argument("--limit", type=int, help="annotate only the first N inputs (sorted)")
+                    "default: {}, the standard AWS environment")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete this tool's files in --output and start clean (default: resume)")
+    io.add_argument("--limit", type=int, help="annotate only the first N inputs (sorted) (default: all)")
     io.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                    help="larger images become error rows (decompression-bomb guard)")
-    io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks")
-    io.add_argument("--multimask", choices=("auto", "always", "never"), default="auto",
-                    help="with --prompts: auto = one mask for boxes, best of 3 for a single click")
-    io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight model")
+                    help=f"larger images become error rows (decompression-bomb guard) (default {DEFAULT_MAX_PIXELS})")
+    io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks "
+                    "(default: automatic masks)")
+    io.add_argument("--multimask", choices=MULTIMASK_MODES, default="auto",
+                    help="with --prompts: auto = one mask for boxes, best of 3 for a single click (default auto)")
+    demo_amg = ", ".join(f"{option_name(name)} {value:g}" for name, value in DEMO_AMG.items())
+    io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight "
+                    f"model and, unless given, {demo_amg} (default: off, on when no argument is given)")
 
     amg = parser.add_argument_group("automatic mask generation (segment-anything's parameters)")
     for name in AMG_FIELDS:
         value = getattr(defaults, name)
-        amg.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value:g}")
+        amg.add_argument(option_name(name), type=type(value), default=value, help=f"default {value:g}")
 
     scale = parser.add_argument_group("scaling")
     scale.add_argument("--num-actors", type=int, help="annotator actors; default one per GPU, else one per CPU")
     scale.add_argument("--gpus-per-actor", type=float, help="default 1 on a GPU cluster, 0 otherwise")
     scale.add_argument("--fast", action="store_true",
-                       help="bfloat16 autocast on GPU actors: faster, near-identical masks (ignored on CPU)")
-    scale.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per encoder batch")
+                       help="bfloat16 autocast on GPU actors: faster, near-identical masks (ignored on CPU) "
+                       "(default: off, float32)")
+    scale.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help=f"images per encoder batch (default {defaults.batch_size})")
     scale.add_argument("--unit-size", type=int, default=defaults.unit_size,
-                       help="images per unit of work (one commit record each: what a rerun redoes at most)")
+                       help="images per unit of work: one commit record each, and the most a rerun redoes "
+                       f"(default {defaults.unit_size})")
     scale.add_argument("--rows-per-file", "--rows-per-shard", dest="rows_per_file", type=int,
-                       default=defaults.rows_per_file, help="most rows in one Parquet file")
+                       default=defaults.rows_per_file, help=f"most rows in one Parquet file (default {defaults.rows_per_file})")
     scale.add_argument("--ray-address", help="Ray cluster to join; default RAY_ADDRESS or a local Ray")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own lines too: its start-up, Ray Data's plan and progress, and the notices "
+                        "it prints on every run (default: our progress and summary, Ray's other warnings and errors)")
     return parser
 
 
@@ -91,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     if args.demo:
         values["input"] = values["input"] or str(SAMPLES_DIR)
         values["output"] = values["output"] or DEMO_OUTPUT
-        values["checkpoint"] = values["checkpoint"] or str(demo_checkpoint())
+        values["checkpoint"] = values["checkpoint"] or str(DEMO_CHECKPOINT)
         parser_defaults = vars(build_parser().parse_args([]))
         for name, value in DEMO_AMG.items():
             if values[name] == parser_defaults[name]:
@@ -99,7 +117,10 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     missing = [f"--{name}" for name in ("input", "output", "checkpoint") if not values.get(name)]
     if missing:
         raise SystemExit(f"sam-annotate: error: {', '.join(missing)} required (or run with --demo)")
-    return AnnotateConfig.from_dict(values)
+    config = AnnotateConfig.from_dict(values).validate()  # before the demo model is made: nothing written
+    if config.checkpoint == str(DEMO_CHECKPOINT):
+        demo_checkpoint()
+    return config
 
 
 def demo_checkpoint() -> Path:
@@ -108,7 +129,7 @@ def demo_checkpoint() -> Path:
 
     from sam_core import SamConfig, SamPromptEncoderConfig, SamVisionConfig, build_sam
 
-    path = Path(tempfile.gettempdir()) / "sam-annotate-demo" / "random-tiny-sam-v1.pth"
+    path = DEMO_CHECKPOINT
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,30 +149,75 @@ def demo_checkpoint() -> Path:
     return path
 
 
-def init_ray(address: Optional[str]) -> None:
-    """Join the given or ambient (RAY_ADDRESS, `ray job submit`) cluster, or start a local Ray."""
+def init_ray(address: Optional[str], verbose: bool = False) -> None:
+    """Join the given or ambient (RAY_ADDRESS, `ray job submit`) cluster, or start a local Ray.
+
+    Unless `verbose`, Ray's console says only what may be wrong (see `quiet_ray_console`).
+    """
     import ray
 
+    if not verbose:
+        quiet_ray_console()
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"logging_level": logging.WARNING}  # not "Started a local Ray instance."
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     # Local Ray: workers must import this checkout even when it is not pip-installed.
     root = str(Path(__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **quiet)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Warnings Ray gave on every run, each its answer to a choice made on purpose; Ray Data's log file in the
+# session directory keeps its own. The "disabled" counterpart of the first one is kept: that one matters.
+_RAY_AUTH_NOTICE = _DropMessages("Token authentication is enabled for this Ray cluster")  # Ray's default
+_RAY_DATA_NOTICES = _DropMessages("Progress bars disabled")  # pipeline/run.py turns them off: we draw our own
+
+
+def quiet_ray_console() -> None:
+    """Ray's console lines on the driver: warnings and errors only, less the expected ones above."""
+    import ray.data  # noqa: F401  (its import sets up the "ray.data" logger's handlers, which we adjust)
+
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _RAY_AUTH_NOTICE not in auth.filters:
+        auth.addFilter(_RAY_AUTH_NOTICE)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":  # its file handlers keep Ray Data's full log
+            handler.setLevel(logging.WARNING)  # not the plan, start and end of every execution
+            if _RAY_DATA_NOTICES not in handler.filters:
+                handler.addFilter(_RAY_DATA_NOTICES)
+    # Ray Data warns when a stage may run more actors or tasks at once than it has inputs (a tiny
+    # corpus: one unit, one file to write); nothing is wrong then.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv or ["--demo"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.redact import install_log_redaction
+    from pipeline.redact import install_log_redaction, redact_text
 
     secrets = _secret_values(args.storage_options)
     install_log_redaction(secrets)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:  # before Ray starts, the demo model is made or anything is written
+        print(f"sam-annotate: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
+        return 2
     if config.demo:
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
 
@@ -159,7 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sam_core import CheckpointError
 
     try:
-        summary = run(config, progress=not args.no_progress, connect=lambda: init_ray(args.ray_address))
+        summary = run(config, progress=not args.no_progress,
+                      connect=lambda: init_ray(args.ray_address, verbose=args.verbose))
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
         from pipeline.redact import redact_text
 

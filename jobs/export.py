@@ -28,6 +28,7 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 
+from jobs.arguments import OneLineErrorParser, json_object
 from pipeline.redact import redact_text, secret_values
 
 DEFAULT_CATEGORY = "object"
@@ -173,13 +174,13 @@ WRITERS = {"coco": write_coco, "sa1b": write_sa1b}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="output directory (or one Parquet file) of jobs.annotate")
     parser.add_argument("--format", required=True, choices=sorted(WRITERS), help="coco: one instances JSON; "
                         "sa1b: one JSON per image")
     parser.add_argument("--output", required=True, help="coco: a JSON file URI; sa1b: a directory URI")
-    parser.add_argument("--storage-options", type=json.loads, default=None,
-                        help="JSON object passed to fsspec for both input and output")
+    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                        help="JSON object passed to fsspec for both input and output (default: none)")
     return parser.parse_args(argv)
 
 

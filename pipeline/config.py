@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.units import DEFAULT_UNIT_SIZE
@@ -29,6 +32,9 @@ AMG_FIELDS = (
     "crop_n_points_downscale_factor",
     "min_mask_region_area",
 )
+
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+MULTIMASK_MODES = ("auto", "always", "never")  # prompted mode, see pipeline/prompted.py
 
 # Fields that change what a row contains. A resumed run must agree with the output on these,
 # otherwise one output would mix masks made with different settings.
@@ -82,6 +88,18 @@ class AnnotateConfig:
     multimask: str = "auto"  # prompted mode: "auto" (as segment-anything advises), "always", "never"
     demo: bool = False
 
+    def validate(self) -> "AnnotateConfig":
+        """Raise `ConfigError` naming every value no run can use; return self when all are usable.
+
+        The CLI calls it before anything else and `pipeline.run.run` before it lists, writes or
+        starts Ray, so that a bad value fails at once with its option's name instead of as a Ray
+        traceback from inside an actor (`--points-per-side 0` was a ZeroDivisionError there).
+        """
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
     def amg_kwargs(self) -> dict:
         """Keyword arguments for `sam_core.AutomaticMaskGenerator` (output mode excluded)."""
         return {name: getattr(self, name) for name in AMG_FIELDS}
@@ -110,6 +128,106 @@ class AnnotateConfig:
     def result_fields(self) -> dict:
         """The fields that determine row contents (compared on resume)."""
         return {name: getattr(self, name) for name in RESULT_FIELDS}
+
+
+class ConfigError(ValueError):
+    """AnnotateConfig values that no run can use; one line that names the options (`--points-per-side`)."""
+
+
+def option_name(field_name: str) -> str:
+    """The CLI option of a config field: `points_per_side` -> `--points-per-side`."""
+    return "--" + field_name.replace("_", "-")
+
+
+class _Range(NamedTuple):
+    """The values a numeric field accepts: minimum <= value <= maximum (< maximum if `open_maximum`)."""
+
+    field: str
+    integer: bool
+    minimum: float
+    maximum: Optional[float] = None
+    open_maximum: bool = False
+    none_allowed: bool = False  # None: decided at run time (actors from the cluster) or no limit
+    why: str = ""  # said after the range, when the reason is not obvious
+
+
+# The AMG ranges are those segment-anything's generator can work with: an empty point grid divides
+# by zero, predicted IoUs, stability scores and NMS thresholds are IoUs in [0, 1], crops overlap by
+# less than their whole length.
+_RANGES = (
+    _Range("points_per_side", True, 1),
+    _Range("points_per_batch", True, 1),
+    _Range("pred_iou_thresh", False, 0, 1),
+    _Range("stability_score_thresh", False, 0, 1),
+    _Range("stability_score_offset", False, 0),
+    _Range("box_nms_thresh", False, 0, 1),
+    _Range("crop_n_layers", True, 0),
+    _Range("crop_nms_thresh", False, 0, 1),
+    _Range("crop_overlap_ratio", False, 0, 1, open_maximum=True),
+    _Range("crop_n_points_downscale_factor", True, 1),
+    _Range("min_mask_region_area", True, 0),
+    _Range("batch_size", True, 1),
+    _Range("unit_size", True, 1),
+    _Range("rows_per_file", True, 1),
+    _Range("num_actors", True, 1, none_allowed=True),
+    _Range("gpus_per_actor", False, 0, 1, none_allowed=True, why=" (an actor runs its model on one GPU)"),
+    _Range("limit", True, 1, none_allowed=True),
+    _Range("max_pixels", True, 1),
+)
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _problems(config: AnnotateConfig) -> List[str]:
+    """What is wrong with ``config``, one phrase per option."""
+    problems = []
+    missing = [option_name(name) for name in ("input", "output", "checkpoint") if not getattr(config, name)]
+    if missing:
+        problems.append(f"{', '.join(missing)} must be given")
+    for rule in _RANGES:
+        value = getattr(config, rule.field)
+        if value is None and rule.none_allowed:
+            continue
+        problem = _range_problem(rule, value)
+        if problem:
+            problems.append(f"{option_name(rule.field)} {problem}")
+    if not problems and config.points_per_side < config.crop_n_points_downscale_factor ** config.crop_n_layers:
+        # segment-anything's grid for crop layer i has points_per_side // factor**i points a side
+        deepest = config.crop_n_points_downscale_factor ** config.crop_n_layers
+        problems.append(
+            f"--points-per-side must be ≥ --crop-n-points-downscale-factor ** --crop-n-layers "
+            f"({config.crop_n_points_downscale_factor}**{config.crop_n_layers} = {deepest}) so that every crop "
+            f"layer has points, got {config.points_per_side}"
+        )
+    if config.model_type is not None and config.model_type not in MODEL_TYPES:
+        problems.append(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {config.model_type!r}")
+    if config.multimask not in MULTIMASK_MODES:
+        problems.append(f"--multimask must be one of {', '.join(MULTIMASK_MODES)}, got {config.multimask!r}")
+    if config.checkpoint_sha256 is not None and not _SHA256_HEX.fullmatch(str(config.checkpoint_sha256).strip()):
+        problems.append("--checkpoint-sha256 must be 64 hexadecimal digits")
+    if not isinstance(config.storage_options, dict):
+        problems.append(f"--storage-options must be a JSON object, got a {type(config.storage_options).__name__}")
+    return problems
+
+
+def _range_problem(rule: _Range, value) -> Optional[str]:
+    kind = "an integer" if rule.integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if rule.integer else numbers.Real):
+        return f"must be {kind}, got {value!r}"
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    low = _number(rule.minimum)
+    if rule.maximum is None:
+        inside, wanted = value >= rule.minimum, f"≥ {low}"
+    elif rule.open_maximum:
+        inside, wanted = rule.minimum <= value < rule.maximum, f"≥ {low} and < {_number(rule.maximum)}"
+    else:
+        inside, wanted = rule.minimum <= value <= rule.maximum, f"between {low} and {_number(rule.maximum)}"
+    return None if inside else f"must be {wanted}{rule.why}, got {_number(value)}"
+
+
+def _number(value) -> str:
+    """1, 0.5, 0.341333: integers whole, floats short."""
+    return str(value) if isinstance(value, numbers.Integral) else f"{value:g}"
 
 
 def dumps_public(config: AnnotateConfig) -> str:

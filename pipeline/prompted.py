@@ -40,13 +40,13 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
+from pipeline.config import MULTIMASK_MODES
 from pipeline.decode import text_or_none
 from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
 from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 from sam_core.amg.rle import masks_to_rle_arrays, rle_to_coco
 
-MULTIMASK_MODES = ("auto", "always", "never")
 PROMPTS_COLUMN = "prompts_json"  # carried from the listing to the annotator next to each uri
 # predict_torch upsamples every proposed mask to the full image: bound that tensor (1 GiB of fp32).
 MAX_LOGITS_PER_CHUNK = 2**28

@@ -89,6 +89,8 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Au
 
     mode = mode or mode_for(config)
     num_actors, gpus_per_actor = plan_actor_pool(config, ray.cluster_resources())
+    if gpus_per_actor == 0:  # CPU actors read and decode their units themselves: one unit keeps one busy
+        num_actors = min(num_actors, len(planned))
     actor_class, actor_kwargs = stage or mode.stage(config)
     options = config.storage_options
     return (
@@ -138,6 +140,7 @@ def run(
     completed output never waits for Ray to start. `on_write` is called with each table of
     write results (``pipeline.sink.WRITE_RESULT_SCHEMA``) as it reaches the driver.
     """
+    config.validate()
     started, clock = _now(), time.perf_counter()
     mode = mode_for(config)
     output = Output(config.output, config.storage_options)
@@ -211,23 +214,30 @@ def _consume(dataset, committer: Committer, summary: RunSummary, progress: bool,
 
 
 def _progress_bar(total: Optional[int], enabled: bool):
+    """tqdm on a terminal; elsewhere (pipes, `ray job logs`, CI) a log line now and then."""
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is declared, but a bare cluster image may lack it: log lines instead
+    except ImportError:  # tqdm is declared, but a bare cluster image may lack it
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
         return _LogProgress(total, enabled)
     return tqdm(total=total, unit="img", desc="annotating", disable=not enabled, file=sys.stderr)
 
 
 class _LogProgress:
-    """The few tqdm methods `_consume` uses, as a log line per update."""
+    """The few tqdm methods `_consume` uses, as a log line at most every ``every_s`` seconds."""
 
-    def __init__(self, total: Optional[int], enabled: bool):
+    def __init__(self, total: Optional[int], enabled: bool, every_s: float = 30.0):
         self.total, self.enabled, self.done, self.postfix = total, enabled, 0, {}
+        self.every_s, self.last_s = every_s, time.monotonic()
 
     def update(self, rows: int) -> None:
         self.done += rows
-        if self.enabled:
-            log.info("annotating: %d/%s images %s", self.done, self.total or "?", self.postfix)
+        now = time.monotonic()
+        if self.enabled and (now - self.last_s >= self.every_s or self.done == self.total):
+            self.last_s = now
+            log.info("annotating: %d/%s images %s", self.done, self.total or "?",
+                     " ".join(f"{k}={v}" for k, v in self.postfix.items()))
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
         self.postfix = values

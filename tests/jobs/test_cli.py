@@ -1,8 +1,11 @@
 """`sam-annotate` arguments, and the no-argument demo that a new user runs first."""
+import dataclasses
+
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import annotate as cli
+from pipeline.config import AMG_FIELDS, AnnotateConfig, ConfigError, option_name
 from pipeline.sources import iter_image_uris
 
 
@@ -87,3 +90,118 @@ def test_the_kuberay_entrypoint_and_runtime_env_are_valid():
     assert config.input.startswith("s3://") and config.checkpoint.endswith(".pth")
     runtime_env = yaml.safe_load((cli.SAMPLES_DIR.parent / "runtime_env.yaml").read_text())
     assert runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+# --- wrong values: one line naming the option, exit 2, before Ray starts or anything is written (issue 13) ---
+
+def _never_start_ray(*args, **kwargs):
+    raise AssertionError("Ray was started for a command that should have been refused")
+
+
+BAD_VALUES = [
+    ("--points-per-side", "0"), ("--points-per-batch", "0"), ("--pred-iou-thresh", "1.5"),
+    ("--stability-score-thresh", "-0.1"), ("--stability-score-offset", "-1"), ("--box-nms-thresh", "2"),
+    ("--crop-n-layers", "-1"), ("--crop-nms-thresh", "nan"), ("--crop-overlap-ratio", "1"),
+    ("--crop-n-points-downscale-factor", "0"), ("--min-mask-region-area", "-5"), ("--batch-size", "0"),
+    ("--rows-per-file", "0"), ("--unit-size", "0"), ("--num-actors", "0"), ("--gpus-per-actor", "1.5"), ("--limit", "0"),
+    ("--max-pixels", "0"), ("--checkpoint-sha256", "not-a-digest"),
+    # refused by the parser itself: the same one line
+    ("--points-per-side", "abc"), ("--model-type", "vit_x"), ("--multimask", "sometimes"),
+    ("--storage-options", "[1]"),
+]
+
+
+@pytest.mark.parametrize("option, value", BAD_VALUES)
+def test_a_wrong_value_is_one_line_naming_its_option_and_nothing_is_written(option, value, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(cli, "init_ray", _never_start_ray)
+    monkeypatch.setattr(cli, "DEMO_CHECKPOINT", tmp_path / "demo.pth")
+    output = tmp_path / "out"
+    argv = ["--demo", "--output", str(output), option, value]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit:  # argparse's own refusals exit from parse_args
+        code = exit.code
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("sam-annotate: error: ") and option in lines[0], captured.err
+    assert "Traceback" not in captured.err and "usage:" not in captured.err and captured.out == ""
+    assert not output.exists() and not (tmp_path / "demo.pth").exists()
+
+
+def test_several_wrong_values_are_named_together():
+    with pytest.raises(ConfigError, match=r"^--points-per-side must be ≥ 1, got 0; --batch-size must be ≥ 1, got 0$"):
+        parse("--input", "i", "--output", "o", "--checkpoint", "c", "--points-per-side", "0", "--batch-size", "0")
+
+
+def test_every_numeric_field_is_checked_for_library_users_too():
+    numeric = [f.name for f in dataclasses.fields(AnnotateConfig)
+               if f.type in ("int", "float", "Optional[int]", "Optional[float]")]
+    assert {"points_per_side", "crop_overlap_ratio", "batch_size", "num_actors", "gpus_per_actor", "limit",
+            "max_pixels", *AMG_FIELDS} <= set(numeric)
+    for name in numeric:
+        for bad in (-1, float("nan"), "4"):
+            with pytest.raises(ConfigError, match=option_name(name)):
+                AnnotateConfig(input="i", output="o", checkpoint="c", **{name: bad}).validate()
+
+
+def test_the_edges_of_every_range_are_accepted():
+    edges = dict(points_per_side=1, points_per_batch=1, pred_iou_thresh=1.0, stability_score_thresh=0.0,
+                 stability_score_offset=0.0, box_nms_thresh=1.0, crop_n_layers=0, crop_nms_thresh=0.0,
+                 crop_overlap_ratio=0.0, crop_n_points_downscale_factor=1, min_mask_region_area=0, batch_size=1,
+                 rows_per_file=1, unit_size=1, num_actors=1, gpus_per_actor=0.0, limit=1, max_pixels=1,
+                 checkpoint_sha256="AB" * 32)
+    config = AnnotateConfig(input="i", output="o", checkpoint="c", **edges)
+    assert config.validate() is config
+    AnnotateConfig(input="i", output="o", checkpoint="c", gpus_per_actor=1, crop_overlap_ratio=0.99).validate()
+
+
+def test_every_crop_layer_needs_points():
+    deep = dict(input="i", output="o", checkpoint="c", crop_n_layers=3, crop_n_points_downscale_factor=2)
+    with pytest.raises(ConfigError, match=r"--points-per-side must be ≥ .*2\*\*3 = 8.*got 4"):
+        AnnotateConfig(points_per_side=4, **deep).validate()
+    AnnotateConfig(points_per_side=8, **deep).validate()
+
+
+def test_a_library_config_without_its_uris_names_them():
+    with pytest.raises(ConfigError, match="^--input, --checkpoint must be given$"):
+        AnnotateConfig(input="", output="o", checkpoint="").validate()
+
+
+# --- --help and --storage-options (issue 13) ---
+
+def test_help_says_what_is_required_without_demo_and_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--input, --output and --checkpoint are required unless --demo is given" in text
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        if action.dest in ("input", "output", "checkpoint"):
+            assert "required unless --demo" in action.help, action.dest
+        assert "default" in action.help, f"{action.option_strings[0]} does not say its default"
+        if action.default not in (None, False, {}):
+            shown = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+            assert shown in action.help, f"{action.option_strings[0]} does not show its default {shown}"
+
+
+@pytest.mark.parametrize("command", ["annotate", "export", "preview"])
+@pytest.mark.parametrize("text, says", [('{"secret": "s3cr3t-value-123', "not valid JSON"),
+                                        ('["s3cr3t-value-123"]', "must be a JSON object")])
+def test_bad_storage_options_are_one_line_that_never_repeats_them(command, text, says, capsys):
+    from jobs import export, preview
+
+    main = {"annotate": cli.main, "export": export.main, "preview": preview.main}[command]
+    argv = {"annotate": ["--input", "i", "--output", "o", "--checkpoint", "c"],
+            "export": ["--input", "i", "--format", "coco", "--output", "o"],
+            "preview": ["--input", "i", "--output", "o"]}[command]
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--storage-options", text])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert len(err.splitlines()) == 1 and "--storage-options" in err and says in err, err
+    assert "s3cr3t-value-123" not in err and "usage:" not in err
