@@ -286,7 +286,8 @@ def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int,
     if count == 0 and (not snapshots or not sources.input_exists(input_uri, storage_options)):
         os.unlink(staged)
         if not sources.input_exists(input_uri, storage_options):
-            raise InputError(f"--input {redact_text(input_uri)} does not exist")
+            missing = "matches nothing" if sources.has_glob(input_uri) else "does not exist"
+            raise InputError(f"--input {redact_text(input_uri)} {missing}")
         raise InputError(f"--input {redact_text(input_uri)} holds no image files "
                          f"(extensions: {' '.join(sorted(sources.IMAGE_EXTENSIONS))})")
     listings = [(output.listing_uri(s), s, output.listing_rows(s)) for s in snapshots]

@@ -205,3 +205,54 @@ def test_bad_storage_options_are_one_line_that_never_repeats_them(command, text,
     assert exit.value.code == 2
     assert len(err.splitlines()) == 1 and "--storage-options" in err and says in err, err
     assert "s3cr3t-value-123" not in err and "usage:" not in err
+
+
+# --- inputs and outputs that cannot be used: one line, exit 1, nothing written (issue 13) ----------
+
+def _input_cases(tmp_path):
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "notes.md").write_text("text only")
+    (tmp_path / "a-file").write_text("not a directory")
+    return {
+        "missing folder": (["--input", str(tmp_path / "nowhere")], "does not exist"),
+        "glob matching nothing": (["--input", str(tmp_path / "*.jpg")], "matches nothing"),
+        "missing manifest": (["--input", str(tmp_path / "inputs.txt")], "does not exist"),
+        "folder without images": (["--input", str(tmp_path / "no-images")], "holds no image files"),
+        "output that is a file": (["--output", str(tmp_path / "a-file")], "is a file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing folder", "glob matching nothing", "missing manifest",
+                                  "folder without images", "output that is a file"])
+def test_an_unusable_input_or_output_is_one_line_and_nothing_is_written(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "init_ray", _never_start_ray)
+    extra, says = _input_cases(tmp_path)[case]
+    before = {p.name for p in tmp_path.iterdir()}
+    argv = ["--demo", "--output", str(tmp_path / "out"), *extra, "--no-progress"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("sam-annotate: error:")]
+    assert len(errors) == 1 and says in errors[0], captured.err
+    assert "Traceback" not in captured.err and "ok," not in captured.out
+    assert {p.name for p in tmp_path.iterdir()} == before  # no output folder, no _SUCCESS, no _run.json
+
+
+def test_a_run_that_failed_before_any_commit_does_not_lock_the_output(ray_session, tmp_path):
+    """Only the settings of rows that exist bind a rerun: a failed first try must not refuse the fix."""
+    from pipeline.run import run
+    from tests.pipeline.faulty_stages import BrokenModelAnnotator
+    from tests.pipeline.standin import StandInAnnotator
+
+    failing = AnnotateConfig(input=str(cli.SAMPLES_DIR), output=str(tmp_path / "out"), checkpoint="unused",
+                             points_per_side=4, num_actors=1)
+    with pytest.raises(Exception, match="truncated download"):
+        run(failing, progress=False, stage=(BrokenModelAnnotator, {"config": failing.to_dict()}))
+    assert (tmp_path / "out" / "_run.json").exists()  # the failed run left its manifest
+
+    fixed = AnnotateConfig(**{**failing.to_dict(), "points_per_side": 5})
+    summary = run(fixed, progress=False, stage=(StandInAnnotator, {"config": fixed.to_dict()}))
+    assert summary.ok == len(list(iter_image_uris(str(cli.SAMPLES_DIR))))
+    # now rows exist, and they do bind
+    with pytest.raises(ValueError, match="points_per_side"):
+        run(AnnotateConfig(**{**fixed.to_dict(), "points_per_side": 6}), progress=False)
