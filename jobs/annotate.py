@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "with no arguments at all it runs --demo.",
     )
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--input", help="prefix or glob (walked recursively for images), or a .txt / .parquet manifest of "
-                    "URIs; required unless --demo (default there: the bundled sample photos)")
+    io.add_argument("--input", help="prefix or glob (walked recursively for images, .tar and .parquet shards), "
+                    "WebDataset brace notation (s3://b/sa_{000000..000999}.tar), a .txt / .parquet manifest of URIs "
+                    "or of shards, or one Parquet file of image bytes; required unless --demo (default there: the "
+                    "bundled sample photos)")
     io.add_argument("--output", help="output root (local path or fsspec URL); required unless --demo "
                     f"(default there: ./{DEMO_OUTPUT})")
     io.add_argument("--checkpoint", help="official .pth, or a Hugging Face SAM directory / model.safetensors (path or "
@@ -69,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--limit", type=int, help="annotate only the first N inputs (sorted) (default: all)")
     io.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                     help=f"larger images become error rows (decompression-bomb guard) (default {DEFAULT_MAX_PIXELS})")
+    io.add_argument("--image-column", help="Parquet shards: the column of image bytes (default: an HF image "
+                    "struct<bytes, path>, else a binary column)")
+    io.add_argument("--id-column", help="Parquet shards: the column that names each row in its uri "
+                    "(default: the row's index in its file)")
+    io.add_argument("--sidecar", dest="sidecars", action="append", default=[], metavar="EXT",
+                    help="tar shards: carry each image's EXT member (e.g. json) into a sidecar_EXT column; repeatable "
+                    "(default: none)")
     io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks "
                     "(default: automatic masks)")
     io.add_argument("--multimask", choices=MULTIMASK_MODES, default="auto",

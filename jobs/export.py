@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
+import unicodedata
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -95,6 +97,30 @@ def image_file_stem(uri: str) -> str:
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
 
 
+READABLE_NAME_CHARS = 40
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def readable_stem(text: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9_-]`` (accents dropped, anything else a ``_``), at most
+    `READABLE_NAME_CHARS`: a part of a name that we make, never a path from the input."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return _NOT_IN_NAMES.sub("_", ascii_text).strip("_-")[:READABLE_NAME_CHARS].strip("_-")
+
+
+def sa1b_file_stem(row: dict) -> str:
+    """A shard member's file is named by its key (``sa_1``), as SA-1B names its own JSON files.
+
+    A key that is not already a plain name (``dir/sa 1``) is reduced by ``readable_stem`` and
+    given a hash, so two keys never share a file; rows without a key keep the URI hash.
+    """
+    key = row.get("key")
+    if not key:
+        return image_file_stem(row["uri"])
+    readable = readable_stem(key)
+    return readable if readable == key else f"{readable}_{image_file_stem(key)[:8]}".lstrip("_")
+
+
 def _coco_annotation(mask: dict, annotation_id: int, image_id: int, category_id: int) -> dict:
     segmentation = mask["segmentation"]
     annotation = {
@@ -160,12 +186,12 @@ def sa1b_record(row: dict, image_id: int) -> dict:
 
 
 def write_sa1b(input_uri: str, output_uri: str, storage_options: dict | None = None) -> ExportCounts:
-    """Write ``<output>/<sha256(uri)[:20]>.json`` per ok image."""
+    """Write ``<output>/<key>.json`` per ok image (``sa1b_file_stem``: the shard key, else a URI hash)."""
     counts = ExportCounts()
     fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     for image_id, row in enumerate(iter_ok_rows(input_uri, storage_options, counts), start=1):
-        with fs.open(f"{root.rstrip('/')}/{image_file_stem(row['uri'])}.json", "w") as out:
+        with fs.open(f"{root.rstrip('/')}/{sa1b_file_stem(row)}.json", "w") as out:
             json.dump(sa1b_record(row, image_id), out)
     return counts
 

@@ -18,7 +18,6 @@ import json
 import posixpath
 import re
 import sys
-import unicodedata
 
 import fsspec
 import numpy as np
@@ -26,8 +25,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from jobs.arguments import OneLineErrorParser, json_object
-from jobs.export import image_file_stem, iter_ok_rows
+from jobs.export import image_file_stem, iter_ok_rows, readable_stem
 from pipeline.decode import decode_image
+from pipeline.read import fetch_bytes
 from pipeline.redact import redact_text, secret_values
 from pipeline.sink import RUN_MANIFEST
 
@@ -40,8 +40,6 @@ DEMO_BANNER = "DEMO RUN: RANDOM WEIGHTS, THESE MASKS ARE MEANINGLESS"
 DEMO_BANNER_COLOR = (200, 0, 0)
 MIN_BANNER_FONT = 6  # pixels: the banner still fits a 120-pixel-wide image, on two lines
 # The readable part of a PNG's name: letters, digits, "_" and "-" of the image's name, this long at most.
-READABLE_NAME_CHARS = 40
-_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def mask_color(index: int) -> tuple[int, int, int]:
@@ -101,19 +99,18 @@ def _draw_prompt(draw: ImageDraw.ImageDraw, mask: dict) -> None:
         draw.text((x + 2, y + 1), str(mask["prompt_label"]), fill=PROMPT_COLOR)
 
 
-def preview_name(index: int, uri: str) -> str:
+def preview_name(index: int, uri: str, key: str | None = None) -> str:
     """``<k>_<name>_<hash>.png``, e.g. ``0003_chelsea_4e6125d2.png``: our own name, never a path from the input.
 
-    ``name`` is the URI's last path segment without its extension, reduced to ``[A-Za-z0-9_-]`` (accents
-    dropped, anything else a ``_``) and cut to `READABLE_NAME_CHARS`; it is left out when nothing
-    remains. A query string never takes part: a signed URL's signature stays out of file names. The
-    hash of the whole URI tells apart images of the same name in different folders.
+    ``name`` is a shard member's key, else the URI's last path segment without its extension,
+    reduced by ``jobs.export.readable_stem``; it is left out when nothing remains. A query string
+    never takes part: a signed URL's signature stays out of file names. The hash of the whole URI
+    tells apart images of the same name in different folders.
     """
     path = re.split(r"[?#]", uri, maxsplit=1)[0]
     last = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
-    stem = last.rsplit(".", 1)[0] if "." in last.lstrip(".") else last
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
-    readable = _NOT_IN_NAMES.sub("_", ascii_stem).strip("_-")[:READABLE_NAME_CHARS].strip("_-")
+    stem = key or (last.rsplit(".", 1)[0] if "." in last.lstrip(".") else last)
+    readable = readable_stem(stem)
     return "_".join(part for part in (f"{index:04d}", readable, image_file_stem(uri)[:8]) if part) + ".png"
 
 
@@ -161,8 +158,7 @@ def _font(size: int):
 
 def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:
     """Re-read a source image as RGB uint8 (H, W, 3), decoded exactly as the pipeline decoded it."""
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return decode_image(f.read(), max_pixels=2**62)
+    return decode_image(fetch_bytes(uri, storage_options), max_pixels=2**62)
 
 
 def write_previews(input_uri: str, output_uri: str, n: int = 16, storage_options: dict | None = None,
@@ -183,7 +179,7 @@ def write_previews(input_uri: str, output_uri: str, n: int = 16, storage_options
         if image.shape[:2] != (row["height"], row["width"]):
             raise ValueError(f"{row['uri']}: image is now {image.shape[1]}x{image.shape[0]}, "
                              f"the row says {row['width']}x{row['height']}; was it replaced?")
-        path = f"{root.rstrip('/')}/{preview_name(k, row['uri'])}"
+        path = f"{root.rstrip('/')}/{preview_name(k, row['uri'], row.get('key'))}"
         picture = Image.fromarray(render_overlay(image, row.get("masks") or []))
         if demo:
             draw_demo_banner(picture)

@@ -162,7 +162,13 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def with_passthrough(table: pa.Table, batch: dict, consumed=CONSUMED_COLUMNS) -> pa.Table:
-    """``table`` plus every column of ``batch`` not in ``consumed``, in batch order."""
+    """``table`` plus every column of ``batch`` not in ``consumed``, in batch order.
+
+    The shard ``key`` the read stage gives ("" for loose objects) fills the rows' ``key`` column.
+    """
+    if "key" in batch and "key" in table.column_names:
+        keys = pa.array([str(value) or None for value in batch["key"]], pa.string())
+        table = table.set_column(table.column_names.index("key"), "key", keys)
     for name, values in batch.items():
         if name not in consumed and name not in table.column_names:
             table = table.append_column(name, pa.array(list(values) if values.dtype == object else values))

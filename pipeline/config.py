@@ -38,7 +38,8 @@ MULTIMASK_MODES = ("auto", "always", "never")  # prompted mode, see pipeline/pro
 
 # Fields that change what a row contains. A resumed run must agree with the output on these,
 # otherwise one output would mix masks made with different settings.
-RESULT_FIELDS = ("checkpoint", "model_type", "fast", *AMG_FIELDS, "max_pixels", "prompts", "multimask")
+RESULT_FIELDS = ("checkpoint", "model_type", "fast", *AMG_FIELDS, "max_pixels", "prompts", "multimask",
+                 "image_column", "id_column", "sidecars")
 
 
 @dataclass
@@ -84,6 +85,11 @@ class AnnotateConfig:
     overwrite: bool = False
     limit: Optional[int] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Shards: the Parquet column of image bytes (default: found), the id column for row URIs
+    # (default: the row's index in its file), tar members carried into sidecar_<ext> columns.
+    image_column: Optional[str] = None
+    id_column: Optional[str] = None
+    sidecars: List[str] = field(default_factory=list)
     prompts: Optional[str] = None
     multimask: str = "auto"  # prompted mode: "auto" (as segment-anything advises), "always", "never"
     demo: bool = False
@@ -206,6 +212,9 @@ def _problems(config: AnnotateConfig) -> List[str]:
         problems.append("--checkpoint-sha256 must be 64 hexadecimal digits")
     if not isinstance(config.storage_options, dict):
         problems.append(f"--storage-options must be a JSON object, got a {type(config.storage_options).__name__}")
+    bad_sidecars = [ext for ext in config.sidecars or () if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", str(ext))]
+    if bad_sidecars:  # each becomes a column name, sidecar_<ext>
+        problems.append(f"--sidecar must be a member extension such as json or cls, got {bad_sidecars[0]!r}")
     return problems
 
 

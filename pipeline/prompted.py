@@ -242,7 +242,7 @@ def orphan_prompts_unit(config, plan, committed: set):
     """
     from pipeline.units import KIND_PROMPT_ORPHANS, Unit, committed_ranges, source_hash
 
-    if config.limit is not None:
+    if config.limit is not None or plan.shards:  # (finding a shard's images means reading it whole)
         return None
     fs, path = fsspec.core.url_to_fs(config.prompts, **(config.storage_options or {}))
     key = fs.unstrip_protocol(path)

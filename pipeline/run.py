@@ -26,6 +26,7 @@ from pipeline.decode import decode_batch
 from pipeline.modes import AutomaticMode, mode_for
 from pipeline.read import read_units
 from pipeline.redact import redact_text
+from pipeline.schema import with_sidecars
 from pipeline.sink import Committer, Output, write_parts
 from pipeline.units import Unit
 
@@ -95,7 +96,9 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Au
     options = config.storage_options
     return (
         ray.data.from_items([unit.to_row() for unit in planned], override_num_blocks=len(planned))
-        .map_batches(read_units, fn_kwargs={"storage_options": options, "select": mode.selector(config)},
+        .map_batches(read_units, fn_kwargs={"storage_options": options, "select": mode.selector(config),
+                                            "sidecars": config.sidecars, "image_column": config.image_column,
+                                            "id_column": config.id_column},
                      batch_size=1, batch_format="numpy")
         .map_batches(decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_format="numpy")
         .map_batches(
@@ -108,7 +111,7 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Au
         )
         # Writing is I/O: no CPU reserved, so that CPU actors holding every core cannot starve it.
         .map_batches(write_parts, fn_kwargs={"output": config.output, "storage_options": options,
-                                             "row_schema": mode.row_schema},
+                                             "row_schema": with_sidecars(mode.row_schema, config.sidecars)},
                      batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
                      compute=ray.data.TaskPoolStrategy(size=max(2, num_actors)))
     )
@@ -153,7 +156,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="sam-annotate-plan-") as staging:
         plan = units_of_work.plan_units(
             config.input, config.storage_options, committed, unit_size=config.unit_size, limit=config.limit,
-            output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite)
+            output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite,
+            image_column=config.image_column)
         plan.units += mode.extra_units(config, plan, committed)
         # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
         # or touches an existing output.

@@ -2,7 +2,8 @@
 
 | column          | type                 | notes                                            |
 |-----------------|----------------------|--------------------------------------------------|
-| uri             | string               | the input URI exactly, scheme included           |
+| uri             | string               | the input URI exactly, scheme included; a shard member's opens it with fsspec |
+| key             | string               | a shard member's WebDataset key / Parquet id; null for loose objects |
 | width, height   | int32                | after EXIF orientation; null if never decoded    |
 | status          | string               | "ok" or "error"                                  |
 | error           | string               | null when ok, otherwise a human-readable reason  |
@@ -59,6 +60,7 @@ def output_schema(extra_mask_fields: Sequence[pa.Field] = ()) -> pa.Schema:
     return pa.schema(
         [
             pa.field("uri", pa.string(), nullable=False),
+            pa.field("key", pa.string()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("status", pa.string(), nullable=False),
@@ -72,6 +74,15 @@ def output_schema(extra_mask_fields: Sequence[pa.Field] = ()) -> pa.Schema:
 
 
 OUTPUT_SCHEMA = output_schema()
+
+SIDECAR_PREFIX = "sidecar_"
+
+
+def with_sidecars(schema: pa.Schema, sidecars: Sequence[str]) -> pa.Schema:
+    """``schema`` plus a nullable string column ``sidecar_<ext>`` per requested shard sidecar."""
+    for ext in sidecars:
+        schema = schema.append(pa.field(SIDECAR_PREFIX + ext, pa.string()))
+    return schema
 
 
 def encode_rle(mask: np.ndarray) -> dict:

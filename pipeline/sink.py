@@ -250,7 +250,7 @@ def write_parts(batch: pa.Table, *, output: str, storage_options: Optional[dict]
         name = None
         if kept.num_rows:
             name = part_name(unit, indices)
-            target.write_table(kept.select(row_schema.names).cast(row_schema), name)
+            target.write_table(_as_rows(kept, row_schema), name)
         ok = pc.sum(pc.equal(kept["status"], schema.STATUS_OK)).as_py() or 0
         results.append({
             "unit": unit, "file": name, "indices": indices.tolist(), "last_index": last[0] if last else -1,
@@ -258,6 +258,17 @@ def write_parts(batch: pa.Table, *, output: str, storage_options: Optional[dict]
             "masks": pc.sum(kept["num_masks"]).as_py() or 0,
         })
     return pa.Table.from_pylist(results, schema=WRITE_RESULT_SCHEMA)
+
+
+def _as_rows(table: pa.Table, row_schema: pa.Schema) -> pa.Table:
+    """Exactly the row schema's columns; a sidecar a member did not have ("") becomes null."""
+    table = table.select(row_schema.names)
+    for name in row_schema.names:
+        if name.startswith(schema.SIDECAR_PREFIX):
+            column = table[name]
+            table = table.set_column(table.column_names.index(name), name,
+                                     pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column))
+    return table.cast(row_schema)
 
 
 def part_name(unit: str, indices: np.ndarray) -> str:

@@ -1,12 +1,14 @@
 """Listing the image objects under a prefix or glob, streamed in one deterministic order.
 
 `--input` may be a prefix (a directory, or any key prefix in an object store), walked
-recursively, or a glob (`*`, `?`, `[`) whose matches are walked recursively if they are
-directories. (Manifests, `.txt` or `.parquet`, are cut into units in `pipeline.units` and read
-on the workers; they are not listed here.)
+recursively, a glob (`*`, `?`, `[`) whose matches are walked recursively if they are
+directories, or WebDataset brace notation (`s3://b/sa_{000000..000999}.tar`), which names files
+without listing anything. (Manifests, `.txt` or `.parquet`, are cut into units in
+`pipeline.units` and read on the workers; they are not listed here.)
 
-Walked inputs keep image files only, chosen by extension case-insensitively. URIs keep the
-scheme of `--input` (`s3://bucket/a.jpg`); local inputs without a scheme are absolute paths.
+Walked inputs keep image files, tar shards and Parquet files (image bytes), chosen by extension
+case-insensitively. URIs keep the scheme of `--input` (`s3://bucket/a.jpg`); local inputs
+without a scheme are absolute paths.
 
 The listing is a generator: one directory's entries are held at a time, never the whole
 corpus. Its order is ``listing_key`` (path components compared one by one), the order in which a
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import fsspec
 
@@ -26,11 +28,45 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_TEXT = ".txt"
 MANIFEST_PARQUET = ".parquet"
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = "*?["
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+IMAGE, TAR, PARQUET = "image", "tar", "parquet"
 
 
 def is_image_name(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def file_kind(path: str) -> Optional[str]:
+    """``image``, ``tar`` (a shard of images), ``parquet`` (image bytes), or None, by extension."""
+    lowered = path.lower()
+    if lowered.endswith(TAR_EXTENSIONS):
+        return TAR
+    if lowered.endswith(MANIFEST_PARQUET):
+        return PARQUET
+    return IMAGE if is_image_name(path) else None
+
+
+def has_braces(uri: str) -> bool:
+    return bool(_BRACES.search(uri))
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """WebDataset brace notation: ``{000..123}`` (zero padding kept) and ``{a,b}``, any number of them."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
 def has_glob(path: str) -> bool:
@@ -42,12 +78,18 @@ def listing_key(uri: str) -> Tuple[str, ...]:
     return tuple(uri.split("/"))
 
 
-def iter_image_uris(input_uri: str, storage_options: Optional[dict] = None) -> Iterator[str]:
-    """Every image URI under ``input_uri`` (prefix or glob), in ``listing_key`` order."""
+def iter_input_files(input_uri: str, storage_options: Optional[dict] = None) -> Iterator[Tuple[str, str]]:
+    """(kind, URI) of every image, tar shard and Parquet file under ``input_uri``, in listing order."""
     fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
     for found in _walk_input(fs, path):
-        if is_image_name(found):
-            yield _with_scheme(input_uri, found)
+        kind = file_kind(found)
+        if kind is not None:
+            yield kind, _with_scheme(input_uri, found)
+
+
+def iter_image_uris(input_uri: str, storage_options: Optional[dict] = None) -> Iterator[str]:
+    """Every image URI under ``input_uri`` (prefix or glob), in ``listing_key`` order."""
+    return (uri for kind, uri in iter_input_files(input_uri, storage_options) if kind == IMAGE)
 
 
 def input_exists(input_uri: str, storage_options: Optional[dict] = None) -> bool:

@@ -4,13 +4,15 @@ A unit is what one read task turns into items (one input image each), what the w
 under names derived from it, and what one commit record (`_commits/<unit id>.json`) marks as
 done. Its id comes from our naming only, never from an input name:
 
-    <kind>-<sha256(source key)[:12]>-<start>-<stop>
+    <kind>-<sha256(source key)[:12]>-<start>-<stop>      (stop "end": to the end of the file)
 
 | kind | source                                                  | start, stop                              |
 |------|---------------------------------------------------------|------------------------------------------|
 | txt  | a `.txt` manifest, one URI a line                       | bytes: the lines that *start* in [start, stop) |
 | pq   | a `.parquet` manifest with a `uri` column               | rows [start, stop)                       |
 | ls   | a listing snapshot we wrote, `_listings/<run>.parquet`  | rows [start, stop)                       |
+| tar  | a tar shard (WebDataset, SA-1B): one image member an item | image members [start, end)             |
+| img  | a Parquet file of image bytes (HF datasets `image` column) | rows [start, end)                      |
 
 Planning (``plan_units``) covers what the committed units do not: for each source it takes the
 committed ranges from the unit ids alone (one listing of `_commits/`, no object read), and cuts
@@ -46,10 +48,16 @@ KIND_TEXT = "txt"
 KIND_PARQUET = "pq"
 KIND_LISTING = "ls"
 KIND_PROMPT_ORPHANS = "po"
-KINDS = (KIND_TEXT, KIND_PARQUET, KIND_LISTING, KIND_PROMPT_ORPHANS)
+KIND_TAR = "tar"
+KIND_PARQUET_IMAGES = "img"
+KINDS = (KIND_TEXT, KIND_PARQUET, KIND_LISTING, KIND_PROMPT_ORPHANS, KIND_TAR, KIND_PARQUET_IMAGES)
+# Shards: a file whose items are inside it. One shard is one unit, read front to back; how many
+# images it holds is known only once it is read, so its unit runs to the end.
+CONTAINER_KINDS = (KIND_TAR, KIND_PARQUET_IMAGES)
+END = 2**62  # "to the end of the file", written "end" in unit ids
 
-UNIT_ID_PATTERN = r"(?:txt|pq|ls|po)-[0-9a-f]{12}-\d+-\d+"
-_UNIT_ID = re.compile(rf"^(?P<kind>[a-z]+)-(?P<source>[0-9a-f]{{12}})-(?P<start>\d+)-(?P<stop>\d+)$")
+UNIT_ID_PATTERN = r"(?:txt|pq|ls|po|tar|img)-[0-9a-f]{12}-\d+-(?:\d+|end)"
+_UNIT_ID = re.compile(rf"^(?P<kind>[a-z]+)-(?P<source>[0-9a-f]{{12}})-(?P<start>\d+)-(?P<stop>\d+|end)$")
 
 DEFAULT_UNIT_SIZE = 1024
 # Bytes of a text manifest sampled to turn images per unit into bytes per unit.
@@ -103,7 +111,7 @@ def source_hash(source_key: str) -> str:
 
 
 def unit_id(kind: str, source_key: str, start: int, stop: int) -> str:
-    return f"{kind}-{source_hash(source_key)}-{start}-{stop}"
+    return f"{kind}-{source_hash(source_key)}-{start}-{'end' if stop == END else stop}"
 
 
 def parse_unit_id(name: str) -> Optional[Tuple[str, str, int, int]]:
@@ -111,7 +119,7 @@ def parse_unit_id(name: str) -> Optional[Tuple[str, str, int, int]]:
     match = _UNIT_ID.match(name)
     if not match or match["kind"] not in KINDS:
         return None
-    return match["kind"], match["source"], int(match["start"]), int(match["stop"])
+    return match["kind"], match["source"], int(match["start"]), END if match["stop"] == "end" else int(match["stop"])
 
 
 def committed_ranges(committed: Iterable[str]) -> Dict[Tuple[str, str], List[Tuple[int, int]]]:
@@ -173,6 +181,7 @@ class Plan:
     snapshot_local_path: Optional[str] = None  # staged here; the run copies it into the output
     snapshot_name: Optional[str] = None        # `_listings/<name>.parquet`
     new_listed: int = 0                          # objects in that snapshot
+    shards: int = 0                              # tar / Parquet shards in the input
 
     def iter_input_uris(self, storage_options: dict) -> Iterator[Optional[str]]:
         """Every item URI of the input, streamed (the staged snapshot is read where it is staged)."""
@@ -190,34 +199,50 @@ class Plan:
 
 def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], *, unit_size: int,
                limit: Optional[int], output, run_index: int, staging_dir: Optional[str] = None,
-               fresh_output: bool = False) -> Plan:
+               fresh_output: bool = False, image_column: Optional[str] = None) -> Plan:
     """Cut ``input_uri`` into the units that ``committed`` does not cover yet.
 
     ``output`` is the ``pipeline.sink.Output`` (its earlier listing snapshots are diffed against
     a fresh listing, unless ``fresh_output``: --overwrite); ``run_index`` names a new snapshot.
     Raises ``InputError`` for an input that is missing or holds no image, with a one-line message.
+
+    Shards (tar, Parquet of image bytes) become one unit each; under ``limit`` only the first
+    shard is planned, for its first ``limit`` images (a shard's size is known once it is read).
     """
-    fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
+    options = storage_options or {}
     ranges = committed_ranges(committed)
+    if sources.has_braces(input_uri):  # WebDataset's shard notation names the files: no listing
+        files = [(sources.file_kind(uri), uri) for uri in sources.expand_braces(input_uri)]
+        unknown = [uri for kind, uri in files if kind not in (sources.TAR, sources.PARQUET)]
+        if unknown:
+            raise InputError(f"--input {redact_text(input_uri)}: brace notation names shards (.tar, .parquet), "
+                             f"not {redact_text(unknown[0])}")
+        return Plan(shard_units(files, options, ranges, limit), shards=len(files))
+    fs, path = fsspec.core.url_to_fs(input_uri, **options)
     kind = manifest_kind(fs, path)
     if kind == KIND_TEXT:
+        shards = text_manifest_shards(fs, path)
+        if shards is not None:
+            return Plan(shard_units(shards, options, ranges, limit), shards=len(shards))
         total = text_manifest_extent(fs, path, limit)
         span = text_span(fs, path, unit_size)
         key = canonical(fs, path)
         return Plan(units_of_source(KIND_TEXT, input_uri, key, total, span, ranges, exact_size=False),
                     extent=[Unit(KIND_TEXT, input_uri, key, 0, total)])
     if kind == KIND_PARQUET:
+        if parquet_holds_images(fs, path, image_column):
+            return Plan(shard_units([(sources.PARQUET, input_uri)], options, ranges, limit), shards=1)
         total = parquet_manifest_rows(fs, path)
         total = total if limit is None else min(total, limit)
         key = canonical(fs, path)
         return Plan(units_of_source(KIND_PARQUET, input_uri, key, total, unit_size, ranges, exact_size=True),
                     extent=[Unit(KIND_PARQUET, input_uri, key, 0, total, total)])
-    return _plan_listing(input_uri, storage_options, ranges, unit_size, limit, output, run_index, staging_dir,
+    return _plan_listing(input_uri, options, ranges, unit_size, limit, output, run_index, staging_dir,
                          fresh_output)
 
 
 def manifest_kind(fs, path: str) -> Optional[str]:
-    """``txt`` / ``pq`` when ``path`` names a manifest file, None for a prefix or glob."""
+    """``txt`` / ``pq`` when ``path`` names a manifest file (or a Parquet of images), None for a prefix or glob."""
     if sources.has_glob(path):
         return None
     lowered = path.lower()
@@ -235,6 +260,11 @@ def canonical(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def canonical_uri(uri: str, storage_options: dict) -> str:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return canonical(fs, path)
+
+
 def text_manifest_extent(fs, path: str, limit: Optional[int]) -> int:
     """Bytes of the manifest to cover: all of it, or up to the end of its ``limit``-th URI."""
     if limit is None:
@@ -248,6 +278,21 @@ def text_manifest_extent(fs, path: str, limit: Optional[int]) -> int:
             position += len(line)
             count += is_manifest_entry(line)
     return position
+
+
+def text_manifest_shards(fs, path: str) -> Optional[List[Tuple[str, str]]]:
+    """The (kind, URI) of each line of a manifest of shards, or None when it lists images.
+
+    Its first entry decides. A manifest of shards has a line per shard (thousands, not billions),
+    so the driver reads it whole.
+    """
+    with fs.open(path, "rb") as handle:
+        first = next((line for line in handle if is_manifest_entry(line)), b"").strip().decode("utf-8", "replace")
+        if sources.file_kind(first) not in (sources.TAR, sources.PARQUET):
+            return None
+        handle.seek(0)
+        entries = [line.strip().decode("utf-8", "replace") for line in handle if is_manifest_entry(line)]
+    return [(sources.file_kind(uri) or sources.TAR, uri) for uri in entries]
 
 
 def text_span(fs, path: str, unit_size: int) -> int:
@@ -267,29 +312,72 @@ def parquet_manifest_rows(fs, path: str) -> int:
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         if "uri" not in parquet.schema_arrow.names:
-            raise InputError(f"manifest {fs.unstrip_protocol(path)} has no 'uri' column "
-                             f"(columns: {parquet.schema_arrow.names})")
+            raise InputError(f"{fs.unstrip_protocol(path)} has neither a 'uri' column (a manifest) nor an image "
+                             f"column (--image-column; columns: {parquet.schema_arrow.names})")
         return parquet.metadata.num_rows
+
+
+def parquet_holds_images(fs, path: str, image_column: Optional[str]) -> bool:
+    with fs.open(path, "rb") as handle:
+        schema = pq.read_schema(handle)
+    return find_image_column(schema, image_column) is not None
+
+
+def find_image_column(schema: pa.Schema, named: Optional[str] = None) -> Optional[str]:
+    """The column that holds image bytes: ``named``, else an HF ``image`` struct<bytes, path>, else binary.
+
+    HF datasets store an ``Image`` feature as struct<bytes: binary, path: string>; plain binary
+    columns hold the encoded file. With several candidates, a struct is preferred, then ``image``.
+    """
+    if named is not None:
+        return named if named in schema.names else None
+    def holds_bytes(field: pa.Field) -> bool:
+        if pa.types.is_struct(field.type):
+            return any(f.name == "bytes" and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))
+                       for f in field.type)
+        return pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
+    candidates = [f for f in schema if holds_bytes(f)]
+    candidates.sort(key=lambda f: (not pa.types.is_struct(f.type), f.name != "image"))
+    return candidates[0].name if candidates else None
+
+
+def shard_units(files: Sequence[Tuple[str, str]], storage_options: dict, ranges, limit: Optional[int]) -> List[Unit]:
+    """One unit per shard not yet committed to its end; under ``limit``, the first shard's first images."""
+    units = []
+    for position, (kind, uri) in enumerate(files):
+        unit_kind = KIND_TAR if kind == sources.TAR else KIND_PARQUET_IMAGES
+        total = END if limit is None else (limit if position == 0 else 0)
+        key = canonical_uri(uri, storage_options)
+        covered = ranges.get((unit_kind, source_hash(key)), [])
+        units += [Unit(unit_kind, uri, key, start, stop) for start, stop in uncovered(total, covered)]
+    return units
 
 
 # --- Listings: prefixes and globs ---------------------------------------------------------------
 
 def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int, limit: Optional[int],
                   output, run_index: int, staging_dir: Optional[str], fresh_output: bool) -> Plan:
-    fresh = sources.iter_image_uris(input_uri, storage_options)
-    if limit is not None:
-        fresh = _first(fresh, limit)
+    shards: List[Tuple[str, str]] = []  # listed on the way; a handful per thousand images at most
+
+    def images() -> Iterator[str]:
+        for kind, uri in sources.iter_input_files(input_uri, storage_options):
+            if kind == sources.IMAGE:
+                yield uri
+            else:
+                shards.append((kind, uri))
+
+    fresh = images() if limit is None else _first(images(), limit)
     snapshots = [] if fresh_output else output.listing_snapshots()
     new = new_entries(fresh, [output.iter_listing(name) for name in snapshots])
     name = f"{run_index:04d}"
     staged, count = _stage_snapshot(new, staging_dir)
-    if count == 0 and (not snapshots or not sources.input_exists(input_uri, storage_options)):
+    if count == 0 and not shards and (not snapshots or not sources.input_exists(input_uri, storage_options)):
         os.unlink(staged)
         if not sources.input_exists(input_uri, storage_options):
             missing = "matches nothing" if sources.has_glob(input_uri) else "does not exist"
             raise InputError(f"--input {redact_text(input_uri)} {missing}")
-        raise InputError(f"--input {redact_text(input_uri)} holds no image files "
-                         f"(extensions: {' '.join(sorted(sources.IMAGE_EXTENSIONS))})")
+        raise InputError(f"--input {redact_text(input_uri)} holds no image files, tar or Parquet shards "
+                         f"(extensions: {' '.join(sorted(sources.IMAGE_EXTENSIONS))} .tar .parquet)")
     listings = [(output.listing_uri(s), s, output.listing_rows(s)) for s in snapshots]
     if count:
         listings.append((staged, name, count))
@@ -299,10 +387,11 @@ def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int,
         source = output.listing_uri(snapshot)  # the staged one is published there before any read
         units += units_of_source(KIND_LISTING, source, key, rows, unit_size, ranges, exact_size=True)
         extent.append(Unit(KIND_LISTING, uri, key, 0, rows, rows))
+    units += shard_units(shards, storage_options, ranges, limit)
     if not count:
         os.unlink(staged)
-        return Plan(units, extent)
-    return Plan(units, extent, snapshot_local_path=staged, snapshot_name=name, new_listed=count)
+        return Plan(units, extent, shards=len(shards))
+    return Plan(units, extent, snapshot_local_path=staged, snapshot_name=name, new_listed=count, shards=len(shards))
 
 
 def _first(items: Iterator[str], limit: int) -> Iterator[str]:

@@ -32,9 +32,10 @@ def binary_record(mask):
 
 def test_schema_has_the_documented_columns_and_types():
     s = schema.OUTPUT_SCHEMA
-    assert s.names == ["uri", "width", "height", "status", "error", "masks", "num_masks", "image_sha256",
+    assert s.names == ["uri", "key", "width", "height", "status", "error", "masks", "num_masks", "image_sha256",
                        "read_s", "decode_s", "annotate_s"]
     assert s.field("width").type == pa.int32() and s.field("height").type == pa.int32()
+    assert s.field("key").type == pa.string() and s.field("key").nullable
     mask = s.field("masks").type.value_type
     assert mask.field("segmentation").type == pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
     assert mask.field("area").type == pa.int64()
