@@ -254,6 +254,16 @@ def fetch_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
                     cell = table.column(column)[offset].as_py()
                     return cell["bytes"] if isinstance(cell, dict) else cell
         raise FileNotFoundError(f"no row {name}={wanted} in {base}")
+    if uri.startswith("tar://") and "::" in uri:
+        # Streamed to the member rather than fsspec's tar://, which indexes every header first and
+        # so cannot open any member of a shard that breaks off later.
+        member, shard = uri[len("tar://"):].split("::", 1)
+        fs, path = fsspec.core.url_to_fs(shard, **options)
+        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+            for found in archive:
+                if found.name == member and found.isfile():
+                    return archive.extractfile(found).read()
+        raise FileNotFoundError(f"no member {member} in {shard}")
     with fsspec.open(uri, "rb", **options) as handle:
         return handle.read()
 
