@@ -1,6 +1,7 @@
 """Units of work: stable ids, a fixed grid, manifests cut so that every entry lands in one unit,
 and listings that pick up late arrivals without repeating anything."""
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,8 +46,9 @@ def uris_of(plan, options=None):
 
 
 def plan(input_uri, committed=(), unit_size=4, limit=None, output=None, run_index=1):
+    staging = Path(str(input_uri)).parent  # a listing snapshot is staged beside the test's input
     return units.plan_units(str(input_uri), {}, set(committed), unit_size=unit_size, limit=limit,
-                            output=output, run_index=run_index)
+                            output=output, run_index=run_index, staging_dir=str(staging))
 
 
 @pytest.mark.parametrize("unit_size", [1, 3, 7, 50])
