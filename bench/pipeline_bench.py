@@ -106,6 +106,9 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--points-per-side", type=int, default=4)
+    parser.add_argument("--unit-size", type=int, default=8,
+                        help="images per unit: small, so that rows are written (and timed) as they come")
+    parser.add_argument("--rows-per-file", type=int, default=4)
     parser.add_argument("--checkpoint", help="default: the demo's random-weight model")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -121,7 +124,7 @@ def main() -> int:
     amg = {**DEMO_AMG, "points_per_side": args.points_per_side}
     config = AnnotateConfig(
         input=str(work / "images"), output=str(work / "out"), checkpoint=args.checkpoint or str(demo_checkpoint()),
-        batch_size=args.batch_size, **amg,
+        batch_size=args.batch_size, unit_size=args.unit_size, rows_per_file=args.rows_per_file, **amg,
     )
 
     bare, bare_masks = bare_loop(paths, config, args.cpus)

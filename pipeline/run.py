@@ -66,8 +66,7 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     """(number of actors, GPUs per actor) from the config and ``ray.cluster_resources()``.
 
     Default: one actor per GPU when the cluster has GPUs (reading and decoding then run as
-    CPU tasks); otherwise one CPU actor per CPU: with equal resources Ray fuses read and decode
-    into the actors, so each actor decodes its own images and no CPU is left idle.
+    CPU tasks); otherwise one CPU actor per CPU, and reading and decoding run beside them.
     """
     gpus = float(cluster.get("GPU", 0))
     cpus = int(cluster.get("CPU", 1))
@@ -90,17 +89,21 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Au
 
     mode = mode or mode_for(config)
     num_actors, gpus_per_actor = plan_actor_pool(config, ray.cluster_resources())
-    if gpus_per_actor == 0:  # CPU actors read and decode their units themselves: one unit keeps one busy
-        num_actors = min(num_actors, len(planned))
     actor_class, actor_kwargs = stage or mode.stage(config)
     options = config.storage_options
+    # CPU actors hold every core. Reading and decoding, light beside AMG on a CPU, then run as
+    # tasks without a CPU of their own, a few at a time: were they fused into the actors, each
+    # actor task would take whole units, and rows would reach the writer only unit by unit.
+    cpu_stages = {} if gpus_per_actor > 0 else {"num_cpus": 0,
+                                                "compute": ray.data.TaskPoolStrategy(size=max(2, num_actors))}
     return (
         ray.data.from_items([unit.to_row() for unit in planned], override_num_blocks=len(planned))
         .map_batches(read_units, fn_kwargs={"storage_options": options, "select": mode.selector(config),
                                             "sidecars": config.sidecars, "image_column": config.image_column,
                                             "id_column": config.id_column},
-                     batch_size=1, batch_format="numpy")
-        .map_batches(decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_format="numpy")
+                     batch_size=1, batch_format="numpy", **cpu_stages)
+        .map_batches(decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_format="numpy",
+                     **cpu_stages)
         .map_batches(
             actor_class,
             fn_constructor_kwargs=actor_kwargs,
