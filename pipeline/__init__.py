@@ -4,8 +4,10 @@
     from pipeline.run import run
     summary = run(AnnotateConfig(input="s3://b/images/", output="s3://b/sam/", checkpoint="s3://b/sam_vit_h.pth"))
 
-Modules: `config` (AnnotateConfig), `sources` (listing, resume), `read`, `decode`, `annotate`
-(the actor), `schema` (the output contract), `sink` (shards, manifest, marker), `run` (the plan).
+Modules, in the order an image meets them: `config` (AnnotateConfig), `units` (the input cut into
+units of work; `sources` lists prefixes), `read`, `decode`, `modes` (automatic or prompted),
+`annotate` (the actor), `schema` (the output contract), `sink` (worker-side writes, driver-side
+commits, the output layout), `run` (the plan).
 `pipeline.AnnotateConfig` is imported on first use, so `import pipeline.schema` stays light.
 """
 from importlib import import_module

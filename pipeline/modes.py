@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline import schema
 from pipeline.config import AnnotateConfig
 from pipeline.read import ItemSelector
-from pipeline.units import Plan, Unit
+from pipeline.units import KIND_PROMPT_ORPHANS, Plan, Unit
 
 
 class AutomaticMode:
@@ -40,8 +40,8 @@ class AutomaticMode:
 
         return Annotator, {"config": config.to_dict()}
 
-    def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str]) -> List[Unit]:
-        """Units the mode adds to the input's own."""
+    def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str], output) -> List[Unit]:
+        """Units the mode adds to the input's own (``output``: the ``pipeline.sink.Output``)."""
         return []
 
 
@@ -49,6 +49,11 @@ class PromptedMode(AutomaticMode):
     """Masks from the boxes and points of a prompts table (the Grounded-SAM recipe)."""
 
     name = "prompted"
+
+    def __init__(self):
+        # Prompted images that already have their "not in --input" error row (final, as error
+        # rows are): should one turn up in the input later, it gets no second row.
+        self.answered: Tuple[str, ...] = ()
 
     @property
     def row_schema(self) -> pa.Schema:  # type: ignore[override]
@@ -65,16 +70,17 @@ class PromptedMode(AutomaticMode):
         from pipeline.prompted import select_prompted
 
         return functools.partial(select_prompted, config.prompts,
-                                 json.dumps(config.storage_options or {}, sort_keys=True))
+                                 json.dumps(config.storage_options or {}, sort_keys=True), frozenset(self.answered))
 
     def stage(self, config: AnnotateConfig) -> Tuple[type, dict]:
         from pipeline.prompted import annotate_stage
 
         return annotate_stage(config)
 
-    def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str]) -> List[Unit]:
+    def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str], output) -> List[Unit]:
         from pipeline.prompted import orphan_prompts_unit
 
+        self.answered = tuple(output.uris_of_units(KIND_PROMPT_ORPHANS, committed))
         unit = orphan_prompts_unit(config, plan, committed)
         return [] if unit is None else [unit]
 

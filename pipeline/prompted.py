@@ -223,14 +223,16 @@ def load_prompts(config) -> dict[str, ImagePrompts]:
     return _read_prompts_cached(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
 
 
-def select_prompted(prompts_uri: str, storage_options_json: str, uri: str) -> tuple[bool, dict]:
+def select_prompted(prompts_uri: str, storage_options_json: str, answered: frozenset, uri: str) -> tuple[bool, dict]:
     """The read stage's selector: only prompted images get a row, their prompts travel with them.
 
-    Images in ``--input`` without prompts are not read or annotated. The table is read once per
-    worker process.
+    Images in ``--input`` without prompts are not read or annotated, nor those in ``answered``
+    (they already have their "not in --input" row). The table is read once per worker process.
     """
     found = _prompts_by_key(prompts_uri, storage_options_json).get(same_image_key(uri))
-    return (False, {}) if found is None else (True, {PROMPTS_COLUMN: found.to_json()})
+    if found is None or uri in answered:
+        return False, {}
+    return True, {PROMPTS_COLUMN: found.to_json()}
 
 
 def orphan_prompts_unit(config, plan, committed: set):

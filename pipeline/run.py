@@ -161,7 +161,7 @@ def run(
             config.input, config.storage_options, committed, unit_size=config.unit_size, limit=config.limit,
             output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite,
             image_column=config.image_column)
-        plan.units += mode.extra_units(config, plan, committed)
+        plan.units += mode.extra_units(config, plan, committed, output)
         # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
         # or touches an existing output.
         checkpoint_sha256 = check_model(config) if plan.units and stage is None else None

@@ -100,9 +100,11 @@ def test_only_prompted_images_are_read_and_unlisted_prompts_get_one_unit_of_erro
     manifest = tmp_path / "inputs.txt"
     manifest.write_text("s3://b/a.jpg\ns3://b/b.jpg\ns3://b/c.jpg\ns3://b/d.jpg\n")
     config = AnnotateConfig(input=str(manifest), output="o", checkpoint="c", prompts=str(table))
-    keep, columns = select_prompted(str(table), "{}", "s3://b/a.jpg")
+    keep, columns = select_prompted(str(table), "{}", frozenset(), "s3://b/a.jpg")
     assert keep and json.loads(columns["prompts_json"])["prompts"][0]["box_xyxy"] == [0.0, 0.0, 1.0, 1.0]
-    assert select_prompted(str(table), "{}", "s3://b/b.jpg") == (False, {})  # no prompts: no row
+    assert select_prompted(str(table), "{}", frozenset(), "s3://b/b.jpg") == (False, {})  # no prompts: no row
+    # an image that got its "not in --input" row earlier and turned up since gets no second row
+    assert select_prompted(str(table), "{}", frozenset({"s3://b/a.jpg"}), "s3://b/a.jpg") == (False, {})
 
     plan = plan_units(str(manifest), {}, set(), unit_size=100, limit=None, output=None, run_index=1)
     orphans = orphan_prompts_unit(config, plan, committed=set())

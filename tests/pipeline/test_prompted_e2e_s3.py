@@ -119,6 +119,20 @@ def test_rerun_writes_nothing_new(job, s3):
     assert rows.num_rows == 4
 
 
+def test_an_image_uploaded_after_its_not_in_input_row_gets_no_second_row(job, s3, bucket_data):
+    missing = f"s3://images/{PREFIX}/not-uploaded.png"
+    buffer = io.BytesIO()
+    Image.fromarray(bucket_data["photos"][0]).save(buffer, format="PNG")
+    s3.filesystem().pipe(missing, buffer.getvalue())
+    try:
+        assert annotate_cli.main(COMMAND) == 0
+        rows = pq.read_table(f"annotations/{PREFIX}/out", filesystem=s3.filesystem()).to_pylist()
+        assert [r["status"] for r in rows if r["uri"] == missing] == ["error"]  # error rows are final
+        assert len(rows) == 4
+    finally:
+        s3.filesystem().rm(missing)
+
+
 def test_coco_export_of_a_prompted_run_uses_labels_as_categories(job, tmp_path):
     coco_path = tmp_path / "coco.json"
     export.write_coco(f"s3://annotations/{PREFIX}/out", str(coco_path))
