@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from report import cpu_model, emit  # noqa: E402  (bench/ is the script directory)
 
 DRIVER = r"""
 import json, os, sys, threading, time
@@ -220,14 +221,6 @@ def writer_figures(work: Path, rows: int, masks: int, rle_chars: int) -> dict:
             "mib_written": round(size / 2**20, 1)}
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--driver-sizes", default="100000,1000000,10000000")
@@ -258,9 +251,7 @@ def main() -> int:
                 print(json.dumps({"driver": figures["driver"][-1]}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    emit(figures, args.json)
     return 0
 
 

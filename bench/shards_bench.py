@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from fault_injection import SeaweedFS  # noqa: E402  (the bench's own loopback S3 server)
+from report import cpu_model, emit  # noqa: E402
 
 
 def make_jpegs(count: int, size: tuple) -> list:
@@ -95,13 +96,6 @@ def read_and_decode(input_uri: str, storage_options: dict) -> tuple:
     return read_s, decode_s, len(decoded), decoded
 
 
-def cpu_model() -> str:
-    import subprocess
-
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
@@ -145,9 +139,7 @@ def main() -> int:
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    emit(figures, args.json)
     return 0
 
 

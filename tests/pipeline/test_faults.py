@@ -90,10 +90,10 @@ DRIVER = textwrap.dedent(
 )
 
 
-def start_driver(tmp_path: Path, slow_s: float) -> subprocess.Popen:
+def start_driver(tmp_path: Path, slow_s: float, script: str = DRIVER) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": str(slow_s), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(tmp_path / "images"), str(tmp_path / "out")],
+        [sys.executable, "-c", script, str(tmp_path / "images"), str(tmp_path / "out")],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -101,6 +101,22 @@ def start_driver(tmp_path: Path, slow_s: float) -> subprocess.Popen:
         text=True,
         start_new_session=True,  # its own process group: Ray's processes go with it below
     )
+
+
+def run_driver(tmp_path: Path, slow_s: float, script: str = DRIVER) -> str:
+    """Run a driver script to its end; its output (it must exit 0)."""
+    job = start_driver(tmp_path, slow_s, script)
+    try:
+        log, _ = job.communicate()
+    finally:
+        stop_group(job)
+    assert job.returncode == 0, log[-3000:]
+    return log
+
+
+def printed(log: str, tag: str) -> list:
+    """The words of the line the driver printed starting with ``tag``."""
+    return next(line for line in log.splitlines() if line.startswith(tag)).split()
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -135,14 +151,8 @@ def test_driver_killed_in_the_middle_of_a_unit_then_rerun_completes_the_rest(tmp
     assert not (out / "_SUCCESS").exists()
     rows_in_committed = len(read_rows(out)) - sum(pq.read_metadata(p).num_rows for p in stale)
 
-    second = start_driver(tmp_path, slow_s=0.0)
-    try:
-        log, _ = second.communicate()
-    finally:
-        stop_group(second)
-    assert second.returncode == 0, log[-3000:]
-    summary_line = next(line for line in log.splitlines() if line.startswith("SUMMARY"))
-    done_before, ok, failed = map(int, summary_line.split()[1:])
+    log = run_driver(tmp_path, slow_s=0.0)
+    done_before, ok, failed = map(int, printed(log, "SUMMARY")[1:])
     assert done_before == committed_before and ok == len(inputs) - rows_in_committed and failed == 0
 
     uris = [row["uri"] for row in read_rows(out)]
@@ -191,19 +201,9 @@ NODE_LOSS_DRIVER = textwrap.dedent(
 def test_a_worker_node_lost_mid_run_and_the_run_finishes_by_itself(tmp_path):
     """Head plus two worker nodes on this machine (ray.cluster_utils.Cluster); one is removed mid-run."""
     inputs = write_images(tmp_path / "images", 96)  # 12 units
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": "0.4", "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-c", NODE_LOSS_DRIVER, str(tmp_path / "images"), str(tmp_path / "out")],
-                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    try:
-        log, _ = job.communicate()
-    finally:
-        stop_group(job)
-    assert job.returncode == 0, log[-3000:]
-    removed = next(line for line in log.splitlines() if line.startswith("REMOVED"))
-    assert int(removed.split()[2]) < 12, "the node was removed after the run had committed everything"
-    summary = next(line for line in log.splitlines() if line.startswith("SUMMARY"))
-    assert list(map(int, summary.split()[1:])) == [12, 12, len(inputs), 0]
+    log = run_driver(tmp_path, slow_s=0.4, script=NODE_LOSS_DRIVER)
+    assert int(printed(log, "REMOVED")[2]) < 12, "the node was removed after the run had committed everything"
+    assert list(map(int, printed(log, "SUMMARY")[1:])) == [12, 12, len(inputs), 0]
     uris = [row["uri"] for row in read_rows(tmp_path / "out")]
     assert sorted(uris) == sorted(inputs)  # rows = inputs, no duplicates
     assert (tmp_path / "out" / "_SUCCESS").exists()
