@@ -27,7 +27,7 @@ from pipeline.modes import AutomaticMode, mode_for
 from pipeline.read import read_units
 from pipeline.redact import redact_text
 from pipeline.schema import with_sidecars
-from pipeline.sink import Committer, Output, write_parts
+from pipeline.sink import LAYOUT, Committer, Output, write_parts
 from pipeline.units import Unit
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def run(
     started, clock = _now(), time.perf_counter()
     mode = mode_for(config)
     output = Output(config.output, config.storage_options)
-    output.check_usable()
+    output.check_usable(overwrite=config.overwrite)
     committed = set() if config.overwrite else output.committed_units()
     if committed:
         _check_same_settings(output, config)
@@ -270,6 +270,7 @@ def _check_same_settings(output: Output, config: AnnotateConfig) -> None:
 
 def _manifest(config: AnnotateConfig, summary: RunSummary, started: str, checkpoint_sha256, status: str) -> dict:
     return {
+        "layout": LAYOUT,
         "run_index": summary.run_index,
         "status": status,
         "config": config.to_public_dict(),

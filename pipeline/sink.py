@@ -54,6 +54,7 @@ TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # what Output._put leaves 
 # Shards of sam-annotate before units of work (part-<run>-<sequence>.parquet): no commit records.
 LEGACY_SHARD = re.compile(r"^part-\d{4,}-\d{6,}\.parquet$")
 COMMITS_DIR = "_commits"
+LAYOUT = "units-1"  # what `_run.json` says of outputs with units and commit records
 RUN_MANIFEST = "_run.json"
 RUN_HISTORY_DIR = "_runs"
 COMPLETION_MARKER = "_SUCCESS"
@@ -85,11 +86,16 @@ class Output:
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
 
-    def check_usable(self) -> None:
-        """Refuse an output that is a file, or that an older sam-annotate wrote (no commit records)."""
+    def check_usable(self, overwrite: bool = False) -> None:
+        """Refuse an output that is a file, or that an older sam-annotate wrote (no commit records).
+
+        Its manifest tells, so that no listing of a large output is needed: manifests of this
+        layout say ``"layout": LAYOUT``; the older ones, whose shards had no commit records, do not.
+        """
         if self.fs.isfile(self.root):
             raise OutputError(f"--output {redact_text(self.uri)} is a file; give a directory or prefix")
-        if any(LEGACY_SHARD.match(name) for name in self._names()):
+        manifest = None if overwrite else self.read_manifest()  # --overwrite clears the old layout too
+        if manifest is not None and manifest.get("layout") != LAYOUT:
             raise OutputError(
                 f"--output {redact_text(self.uri)} was written by an older sam-annotate (part-NNNN-NNNNNN.parquet "
                 "shards without _commits/): use --overwrite to start clean, or another --output")

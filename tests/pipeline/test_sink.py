@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.sink import DATA_FILE, Committer, Output, OutputError, write_parts
+from pipeline.sink import DATA_FILE, LAYOUT, Committer, Output, OutputError, write_parts
 from pipeline.units import KIND_TEXT, Unit
 
 
@@ -133,6 +133,13 @@ def test_an_output_that_is_a_file_or_from_an_older_layout_is_refused(tmp_path):
         Output(str(tmp_path / "out.parquet")).check_usable()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "part-0001-000000.parquet").write_bytes(b"x")
+    (tmp_path / "old" / "_run.json").write_text(json.dumps({"run_index": 1, "status": "complete", "config": {}}))
     with pytest.raises(OutputError, match="older sam-annotate"):
         Output(str(tmp_path / "old")).check_usable()
+    Output(str(tmp_path / "old")).check_usable(overwrite=True)  # what the message advises
+    Output(str(tmp_path / "old")).clear()
+    assert not list((tmp_path / "old").iterdir())
     Output(str(tmp_path / "new")).check_usable()  # a fresh output is fine
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "_run.json").write_text(json.dumps({"layout": LAYOUT, "run_index": 1}))
+    Output(str(tmp_path / "ours")).check_usable()  # and one of ours, even killed before its first commit
