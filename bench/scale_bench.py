@@ -132,7 +132,7 @@ def resume_figures(work: Path, images: list, rows: int) -> dict:
     from pipeline.config import AnnotateConfig
     from pipeline.read import unit_uris
     from pipeline.run import run
-    from pipeline.sink import Committer, Output, write_parts
+    from pipeline.sink import LAYOUT, Committer, Output, write_parts
     from pipeline.units import plan_units
 
     manifest = work / f"resume-{rows}.txt"
@@ -156,7 +156,7 @@ def resume_figures(work: Path, images: list, rows: int) -> dict:
                                       storage_options={}, row_schema=schema.OUTPUT_SCHEMA))
     build_s = time.perf_counter() - started
     assert not committer.pending
-    target.write_manifest({"run_index": 1, "status": "complete", "config": config.to_public_dict()})
+    target.write_manifest({"layout": LAYOUT, "run_index": 1, "status": "complete", "config": config.to_public_dict()})
 
     def no_ray():
         raise AssertionError("a rerun of a complete output must not start Ray")

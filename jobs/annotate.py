@@ -230,13 +230,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.demo:
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
 
-    from pipeline.run import run
+    from pipeline.retry import RetriesExhausted
+    from pipeline.run import IncompleteRun, run
     from sam_core import CheckpointError
 
     try:
         summary = run(config, progress=not args.no_progress,
                       connect=lambda: init_ray(args.ray_address, verbose=args.verbose))
-    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (CheckpointError, ValueError, FileNotFoundError, PermissionError, RetriesExhausted, IncompleteRun) as exc:
         from pipeline.redact import redact_text
 
         print(f"sam-annotate: error: {redact_text(str(exc), secrets)}", file=sys.stderr)

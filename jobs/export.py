@@ -190,8 +190,13 @@ def write_sa1b(input_uri: str, output_uri: str, storage_options: dict | None = N
     counts = ExportCounts()
     fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
+    used: set[str] = set()  # keys repeat across shards (Parquet row indices, WebDataset keys)
     for image_id, row in enumerate(iter_ok_rows(input_uri, storage_options, counts), start=1):
-        with fs.open(f"{root.rstrip('/')}/{sa1b_file_stem(row)}.json", "w") as out:
+        stem = sa1b_file_stem(row)
+        if stem in used:
+            stem = f"{stem}_{image_file_stem(row['uri'])[:8]}"
+        used.add(stem)
+        with fs.open(f"{root.rstrip('/')}/{stem}.json", "w") as out:
             json.dump(sa1b_record(row, image_id), out)
     return counts
 

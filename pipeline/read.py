@@ -172,14 +172,18 @@ def tar_items(shard_uri: str, start: int, stop: int, storage_options: dict,
                     yield Item(member_uri(name, shard_uri), data=data, key=webdataset_key(name)[0], sidecars=extras)
                 position += 1
 
+    # A shard-wide error belongs to the unit whose range holds the position it happened at, so
+    # that a shard cut into [0, N) by --limit and [N, end) later reports it once.
     try:
         fs, path = fsspec.core.url_to_fs(shard_uri, **storage_options)
         handle = with_retries(lambda: fs.open(path, "rb"), what=f"opening {shard_uri}")
     except FileNotFoundError:
-        yield Item(shard_uri, error="tar shard not found (deleted or moved since it was listed)")
+        if start == 0:
+            yield Item(shard_uri, error="tar shard not found (deleted or moved since it was listed)")
         return
     except Exception as exc:
-        yield Item(shard_uri, error=redact_text(f"tar shard could not be opened: {type(exc).__name__}: {exc}"))
+        if start == 0:
+            yield Item(shard_uri, error=redact_text(f"tar shard could not be opened: {type(exc).__name__}: {exc}"))
         return
     sample: List[Tuple[str, str, bytes]] = []
     sample_key = None
@@ -202,6 +206,8 @@ def tar_items(shard_uri: str, start: int, stop: int, storage_options: dict,
             yield from give_out(sample)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             yield from give_out(sample)  # the members of the broken sample read whole before the damage
+            if position < start:
+                return  # the damage lies in an earlier unit's range, which reported it
             where = f"after member {members} ({last_member})" if last_member else "before its first member"
             yield Item(shard_uri, error=redact_text(
                 f"tar shard is damaged {where}, near byte {_tell(handle)}: {type(exc).__name__}: {exc}"))
@@ -220,7 +226,8 @@ def parquet_image_items(file_uri: str, start: int, stop: int, storage_options: d
     column = find_image_column(schema, image_column)
     if column is None or (id_column and id_column not in schema.names):
         missing = f"no column {id_column!r} (--id-column)" if column else "no image column (--image-column)"
-        yield Item(file_uri, error=f"Parquet file has {missing}; columns: {schema.names}")
+        if start == 0:  # a file-wide error, reported once (see tar_items)
+            yield Item(file_uri, error=f"Parquet file has {missing}; columns: {schema.names}")
         return
     suffix = "" if image_column is None else f"&image={urllib.parse.quote(image_column)}"
     columns = [column] + ([id_column] if id_column and id_column != column else [])

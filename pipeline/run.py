@@ -33,6 +33,10 @@ from pipeline.units import Unit
 log = logging.getLogger(__name__)
 
 
+class IncompleteRun(RuntimeError):
+    """The plan ran out but some units were not committed; a rerun redoes them."""
+
+
 @dataclass
 class RunSummary:
     output: str
@@ -216,8 +220,8 @@ def _consume(dataset, committer: Committer, summary: RunSummary, progress: bool,
         bar.close()
     if committer.pending:
         names = ", ".join(sorted(committer.pending)[:3]) + (", ..." if len(committer.pending) > 3 else "")
-        raise RuntimeError(f"{len(committer.pending)} unit(s) did not complete ({names}); "
-                           "rerun the same command to redo them")
+        raise IncompleteRun(f"{len(committer.pending)} unit(s) did not complete ({names}); "
+                            "rerun the same command to redo them")
 
 
 def _progress_bar(total: Optional[int], enabled: bool):

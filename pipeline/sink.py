@@ -349,6 +349,8 @@ class Committer:
                 self._remove_duplicate(name)  # a stray repeat of a committed unit's rows
             return  # the same file reported again (a re-executed task): already counted
         indices = set(result["indices"])
+        if name is None and indices <= progress.seen:
+            return  # skipped items reported again (a re-executed task): nothing was written
         if indices & progress.seen:
             if name is not None and indices <= progress.seen:
                 self._remove_duplicate(name)

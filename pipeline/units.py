@@ -157,15 +157,17 @@ def cut(gaps: Iterable[Tuple[int, int]], span: int) -> Iterator[Tuple[int, int]]
 
 
 def units_of_source(kind: str, source: str, source_key: str, total: int, span: int,
-                    committed: Dict[Tuple[str, str], List[Tuple[int, int]]], exact_size: bool) -> List[Unit]:
-    """The units still to do for one source of ``total`` items (or bytes)."""
+                    committed: Dict[Tuple[str, str], List[Tuple[int, int]]], exact_size: bool,
+                    limit_total: Optional[int] = None) -> List[Unit]:
+    """The units still to do for one source of ``total`` items (or bytes), up to ``limit_total`` if given."""
     covered = committed.get((kind, source_hash(source_key)), [])
     if covered and covered[-1][1] > total:
         raise InputError(
             f"{source} is shorter than when it was annotated ({total} {'rows' if exact_size else 'bytes'} now, "
             f"{covered[-1][1]} done): manifests must only grow; use --overwrite or another --output")
+    end = total if limit_total is None else min(total, limit_total)
     return [Unit(kind, source, source_key, start, stop, size=(stop - start) if exact_size else None)
-            for start, stop in cut(uncovered(total, covered), span)]
+            for start, stop in cut(uncovered(end, covered), span)]
 
 
 # --- Planning ---------------------------------------------------------------------------------
@@ -217,25 +219,32 @@ def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], 
         if unknown:
             raise InputError(f"--input {redact_text(input_uri)}: brace notation names shards (.tar, .parquet), "
                              f"not {redact_text(unknown[0])}")
-        return Plan(shard_units(files, options, ranges, limit), shards=len(files))
+        present = present_shards(files, options)
+        if not present:
+            raise InputError(f"--input {redact_text(input_uri)} names {len(files)} shard(s), none of them there")
+        return Plan(shard_units(present, options, ranges, limit), shards=len(present))
     fs, path = fsspec.core.url_to_fs(input_uri, **options)
     kind = manifest_kind(fs, path)
     if kind == KIND_TEXT:
         shards = text_manifest_shards(fs, path)
         if shards is not None:
-            return Plan(shard_units(shards, options, ranges, limit), shards=len(shards))
-        total = text_manifest_extent(fs, path, limit)
+            present = present_shards(shards, options)
+            return Plan(shard_units(present, options, ranges, limit), shards=len(present))
+        size = int(fs.size(path))
+        total = size if limit is None else text_manifest_extent(fs, path, limit)
         span = text_span(fs, path, unit_size)
         key = canonical(fs, path)
-        return Plan(units_of_source(KIND_TEXT, input_uri, key, total, span, ranges, exact_size=False),
+        return Plan(units_of_source(KIND_TEXT, input_uri, key, size, span, ranges, exact_size=False,
+                                    limit_total=total),
                     extent=[Unit(KIND_TEXT, input_uri, key, 0, total)])
     if kind == KIND_PARQUET:
         if parquet_holds_images(fs, path, image_column):
             return Plan(shard_units([(sources.PARQUET, input_uri)], options, ranges, limit), shards=1)
-        total = parquet_manifest_rows(fs, path)
-        total = total if limit is None else min(total, limit)
+        rows = parquet_manifest_rows(fs, path)
+        total = rows if limit is None else min(rows, limit)
         key = canonical(fs, path)
-        return Plan(units_of_source(KIND_PARQUET, input_uri, key, total, unit_size, ranges, exact_size=True),
+        return Plan(units_of_source(KIND_PARQUET, input_uri, key, rows, unit_size, ranges, exact_size=True,
+                                    limit_total=total),
                     extent=[Unit(KIND_PARQUET, input_uri, key, 0, total, total)])
     return _plan_listing(input_uri, options, ranges, unit_size, limit, output, run_index, staging_dir,
                          fresh_output)
@@ -265,10 +274,8 @@ def canonical_uri(uri: str, storage_options: dict) -> str:
     return canonical(fs, path)
 
 
-def text_manifest_extent(fs, path: str, limit: Optional[int]) -> int:
-    """Bytes of the manifest to cover: all of it, or up to the end of its ``limit``-th URI."""
-    if limit is None:
-        return int(fs.size(path))
+def text_manifest_extent(fs, path: str, limit: int) -> int:
+    """Bytes of the manifest up to the end of its ``limit``-th URI."""
     count = position = 0
     with fs.open(path, "rb") as handle:
         while count < limit:
@@ -318,8 +325,15 @@ def parquet_manifest_rows(fs, path: str) -> int:
 
 
 def parquet_holds_images(fs, path: str, image_column: Optional[str]) -> bool:
+    """Whether one Parquet file is a shard of image bytes, not a manifest.
+
+    A file with a ``uri`` column is a manifest unless ``--image-column`` names a column: a
+    manifest may well carry a binary column of its own (a hash, a thumbnail).
+    """
     with fs.open(path, "rb") as handle:
         schema = pq.read_schema(handle)
+    if image_column is None and "uri" in schema.names:
+        return False
     return find_image_column(schema, image_column) is not None
 
 
@@ -339,6 +353,28 @@ def find_image_column(schema: pa.Schema, named: Optional[str] = None) -> Optiona
     candidates = [f for f in schema if holds_bytes(f)]
     candidates.sort(key=lambda f: (not pa.types.is_struct(f.type), f.name != "image"))
     return candidates[0].name if candidates else None
+
+
+def present_shards(files: Sequence[Tuple[str, str]], storage_options: dict) -> List[Tuple[str, str]]:
+    """The named shards (brace notation, a manifest of shards) that exist now, in order.
+
+    One listing per folder, not a request per shard. A shard that is not there yet is left for
+    a later run, which finds it as a late arrival; a unit for it now would commit an error row.
+    """
+    present: Dict[str, set] = {}
+    kept = []
+    for kind, uri in files:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in present:
+            fs.invalidate_cache(folder)
+            try:
+                present[folder] = {entry.rstrip("/") for entry in fs.ls(folder, detail=False)}
+            except FileNotFoundError:
+                present[folder] = set()
+        if path.rstrip("/") in present[folder]:
+            kept.append((kind, uri))
+    return kept
 
 
 def shard_units(files: Sequence[Tuple[str, str]], storage_options: dict, ranges, limit: Optional[int]) -> List[Unit]:
@@ -366,7 +402,14 @@ def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int,
             else:
                 shards.append((kind, uri))
 
-    fresh = images() if limit is None else _first(images(), limit)
+    listed = [0]  # images taken from the listing: under --limit the shards get what is left
+
+    def counted(uris: Iterator[str]) -> Iterator[str]:
+        for uri in uris:
+            listed[0] += 1
+            yield uri
+
+    fresh = images() if limit is None else counted(_first(images(), limit))
     snapshots = [] if fresh_output else output.listing_snapshots()
     new = new_entries(fresh, [output.iter_listing(name) for name in snapshots])
     name = f"{run_index:04d}"
@@ -387,7 +430,8 @@ def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int,
         source = output.listing_uri(snapshot)  # the staged one is published there before any read
         units += units_of_source(KIND_LISTING, source, key, rows, unit_size, ranges, exact_size=True)
         extent.append(Unit(KIND_LISTING, uri, key, 0, rows, rows))
-    units += shard_units(shards, storage_options, ranges, limit)
+    shard_limit = None if limit is None else max(0, limit - listed[0])
+    units += shard_units(shards, storage_options, ranges, shard_limit)
     if not count:
         os.unlink(staged)
         return Plan(units, extent, shards=len(shards))

@@ -256,3 +256,19 @@ def test_a_run_that_failed_before_any_commit_does_not_lock_the_output(ray_sessio
     # now rows exist, and they do bind
     with pytest.raises(ValueError, match="points_per_side"):
         run(AnnotateConfig(**{**fixed.to_dict(), "points_per_side": 6}), progress=False)
+
+
+@pytest.mark.parametrize("failure", ["store down", "units left"])
+def test_a_run_that_stops_on_the_store_or_leaves_units_is_one_line(failure, tmp_path, capsys, monkeypatch):
+    from pipeline import run as run_module
+    from pipeline.retry import RetriesExhausted
+
+    def stopped(*args, **kwargs):
+        if failure == "store down":
+            raise RetriesExhausted("writing s3://b/out/_commits/x.json: failed 5 times over 7.5s; last error ...")
+        raise run_module.IncompleteRun("1 unit(s) did not complete (ls-0123456789ab-0-8); rerun the same command")
+
+    monkeypatch.setattr(run_module, "run", stopped)
+    assert cli.main(["--demo", "--output", str(tmp_path / "out"), "--no-progress"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sam-annotate: error:")]
+    assert len(errors) == 1 and ("failed 5 times" in errors[0] or "rerun the same command" in errors[0])

@@ -84,3 +84,24 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
         export.write_coco(str(tmp_path / "empty"), str(tmp_path / "x.json"))
     assert export.main(["--input", str(tmp_path / "empty"), "--format", "sa1b", "--output", str(tmp_path / "o")]) == 1
     assert "jobs.export: error: no .parquet files under" in capsys.readouterr().err
+
+
+def test_sa1b_files_are_named_by_key_and_a_repeated_key_never_overwrites(tmp_path):
+    """Row 17 of two Parquet shards both have key "17": two files, both kept."""
+    import pyarrow.parquet as pq
+
+    from pipeline import schema
+
+    rows = [schema.ok_row(uri, 4, 3, [], None) for uri in ("s3://b/a.parquet#row=17", "s3://b/b.parquet#row=17",
+                                                            "tar://sa_1.jpg::s3://b/s.tar", "tar://d/x y.jpg::s3://b/s.tar")]
+    for row, key in zip(rows, ["17", "17", "sa_1", "d/x y"]):
+        row["key"] = key
+    (tmp_path / "out").mkdir()
+    pq.write_table(schema.rows_to_table(rows), tmp_path / "out" / "part-x.parquet")
+    counts = export.write_sa1b(str(tmp_path / "out"), str(tmp_path / "sa1b"))
+    names = sorted(p.name for p in (tmp_path / "sa1b").iterdir())
+    assert counts.images == 4 and len(names) == 4
+    assert "17.json" in names and "sa_1.json" in names
+    assert any(n.startswith("17_") for n in names) and any(n.startswith("d_x_y_") for n in names)
+    files = {json.loads(p.read_text())["image"]["file_name"] for p in (tmp_path / "sa1b").iterdir()}
+    assert files == {row["uri"] for row in rows}

@@ -107,3 +107,44 @@ def test_a_parquet_file_of_images_is_a_shard_and_one_of_uris_a_manifest(tmp_path
     assert unit.kind == "img"
     with pytest.raises(units.InputError, match="brace notation names shards"):
         units.plan_units(str(tmp_path / "{a,b}.jpg"), {}, set(), unit_size=2, limit=None, output=None, run_index=1)
+
+
+def test_a_shard_cut_by_limit_reports_its_damage_once_whichever_unit_reaches_it(tmp_path):
+    shard = tmp_path / "sa_000009.tar"
+    data, whole_keys = damaged_shard(10)  # 5 images, then the damage
+    shard.write_bytes(data)
+
+    def errors(start, stop):
+        return [item for item in tar_items(str(shard), start, stop, {}) if item.error and item.uri == str(shard)]
+
+    assert len(errors(0, 3)) == 0 and len(errors(3, units.END)) == 1  # --limit 3, then the rest
+    assert len(errors(0, 7)) == 1 and len(errors(7, units.END)) == 0  # --limit 7, then the rest
+    (tmp_path / "gone.tar").unlink(missing_ok=True)
+    assert len(list(tar_items(str(tmp_path / "gone.tar"), 0, 3, {}))) == 1
+    assert list(tar_items(str(tmp_path / "gone.tar"), 3, units.END, {})) == []
+
+
+def test_a_named_shard_that_is_not_there_yet_is_left_for_a_later_run(tmp_path):
+    (tmp_path / "s_000000.tar").write_bytes(tar_bytes(sa1b_members(0, 2)))
+    pattern = str(tmp_path / "s_{000000..000001}.tar")
+    first = units.plan_units(pattern, {}, set(), unit_size=8, limit=None, output=None, run_index=1).units
+    assert [u.source.rsplit("/", 1)[1] for u in first] == ["s_000000.tar"]
+    (tmp_path / "s_000001.tar").write_bytes(tar_bytes(sa1b_members(10, 2)))  # it arrives
+    later = units.plan_units(pattern, {}, {u.id for u in first}, unit_size=8, limit=None, output=None,
+                             run_index=2).units
+    assert [u.source.rsplit("/", 1)[1] for u in later] == ["s_000001.tar"]
+    with pytest.raises(units.InputError, match="none of them there"):
+        units.plan_units(str(tmp_path / "t_{0..1}.tar"), {}, set(), unit_size=8, limit=None, output=None,
+                         run_index=1)
+
+
+def test_a_limit_over_images_and_shards_takes_n_in_all(tmp_path):
+    from pipeline.sink import Output
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    (tmp_path / "in" / "z.tar").write_bytes(tar_bytes(sa1b_members(0, 5)))
+    planned = units.plan_units(str(tmp_path / "in"), {}, set(), unit_size=8, limit=4, output=Output(str(tmp_path / "o")),
+                               run_index=1, staging_dir=str(tmp_path))
+    assert sorted((u.kind, u.start, u.stop) for u in planned.units) == [("ls", 0, 2), ("tar", 0, 2)]

@@ -143,3 +143,14 @@ def test_an_output_that_is_a_file_or_from_an_older_layout_is_refused(tmp_path):
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours" / "_run.json").write_text(json.dumps({"layout": LAYOUT, "run_index": 1}))
     Output(str(tmp_path / "ours")).check_usable()  # and one of ours, even killed before its first commit
+
+
+def test_skipped_items_reported_twice_do_not_block_the_commit(tmp_path):
+    output = Output(str(tmp_path))
+    a = unit(0, 100)
+    committer = Committer(output, [a], run_index=1)
+    skips = write(tmp_path, annotated([(a.id, 0, False, "", "skip"), (a.id, 1, False, "", "skip")]))
+    committer.add(skips)
+    committer.add(skips)  # a re-executed task of skips only: no file, the same positions
+    committer.add(write(tmp_path, annotated([(a.id, 2, True, "s3://b/2.jpg", "ok")])))
+    assert output.committed_units() == {a.id} and not committer.pending

@@ -203,3 +203,21 @@ def test_readers_of_text_and_parquet_units_take_exactly_their_range(tmp_path):
     table = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": [str(i) for i in range(10)]}), table, row_group_size=3)
     assert list(parquet_uris(fs, str(table), 2, 8)) == [str(i) for i in range(2, 8)]
+
+
+def test_a_smaller_limit_after_a_larger_one_plans_nothing_rather_than_refusing(tmp_path):
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, [f"s3://b/{i}.jpg" for i in range(30)])
+    committed = {unit.id for unit in plan(manifest, limit=20).units}
+    assert plan(manifest, committed, limit=10).units == []
+    table = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": [f"s3://b/{i}.jpg" for i in range(30)]}), table)
+    committed = {unit.id for unit in plan(table, limit=20).units}
+    assert plan(table, committed, limit=10).units == []
+
+
+def test_a_parquet_manifest_with_a_binary_column_is_still_a_manifest(tmp_path):
+    table = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": ["s3://b/1.jpg", "s3://b/2.jpg"], "sha256": [b"\x01" * 32, b"\x02" * 32]}), table)
+    planned = plan(table)
+    assert [u.kind for u in planned.units] == ["pq"] and uris_of(planned) == ["s3://b/1.jpg", "s3://b/2.jpg"]
