@@ -43,7 +43,7 @@ def decode_points(
     sparse, dense = model.prompt_encoder(points=(coords_input[:, None, :], labels), boxes=None, masks=None)
     # With no mask prompt the dense embedding is the same for every prompt: prepare the image
     # side once, with batch 1, for all prompts.
-    image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1])
+    image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1], prompts=len(coords_input))
     step = step or len(coords_input)
     parts = [
         _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
