@@ -14,6 +14,7 @@ from torch import nn
 
 from sam_core.config import SamVisionConfig
 from sam_core.modeling.common import LayerNorm2d, MLPBlock, activation_class
+from sam_core.modeling.cpu_linear import linear
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -97,14 +98,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, d = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # default scale = hd ** -0.5
         out = out.transpose(1, 2).reshape(b, h, w, d)
-        return self.proj(out)
+        return linear(out, self.proj.weight, self.proj.bias)
 
 
 class Block(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from sam_core.config import SamMaskDecoderConfig
 from sam_core.modeling.common import LayerNorm2d
+from sam_core.modeling.cpu_linear import linear
 from sam_core.modeling.transformer import SharedImageProjections, TwoWayTransformer
 
 
@@ -195,7 +196,11 @@ class MaskDecoder(nn.Module):
         up1, norm, act1, up2, act2 = self.output_upscaling
         batch = image_tokens.shape[0]
         x = _activate(act1, norm.channels_last(_pixelwise(up1, image_tokens)))  # (B, h*w, 2*2, C/4)
-        x = _activate(act2, _pixelwise(up2, x))  # (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
+        if act2.approximate == "none":  # exact GELU: inside the product where oneDNN runs it
+            x = _pixelwise(up2, x, gelu=True)
+        else:
+            x = _activate(act2, _pixelwise(up2, x))
+        # x: (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in mask_indices], dim=1
         )  # (B, M, C/8)
@@ -230,10 +235,10 @@ def _activate(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate=act.approximate, out=x)
 
 
-def _pixelwise(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+def _pixelwise(conv: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """A kernel-2 stride-2 ``ConvTranspose2d`` on channels-last input: (..., C_in) -> (..., 2*2, C_out),
-    the new dim being the output block's (row, column) offsets."""
+    the new dim being the output block's (row, column) offsets; then an exact GELU when ``gelu``."""
     c_in, c_out = conv.weight.shape[:2]
     weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)
-    out = F.linear(x, weight, conv.bias.repeat(4))
+    out = linear(x, weight, conv.bias.repeat(4), gelu=gelu)
     return out.view(*x.shape[:-1], 4, c_out)
