@@ -41,6 +41,7 @@ from sam_core.amg.filters import (
 from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
 from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
+from sam_core.amg.presets import preset_parameters
 from sam_core.amg.rle import rle_area, rle_to_coco, rle_to_mask, transposed_masks_to_rle_arrays, with_list_counts
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -107,6 +108,12 @@ class AutomaticMaskGenerator:
         self._fast_decoder = None  # bfloat16 copy of the prompt encoder and decoder, made on first use
         if self.predictor.device.type == "cpu":
             keep_freed_heap_memory()
+
+    @classmethod
+    def preset(cls, name: str, model, **overrides) -> "AutomaticMaskGenerator":
+        """A generator with the settings of a named preset (``sam_core.amg.presets``; ``"sa1b"``:
+        the recipe that generated SA-1B), ``overrides`` taking precedence."""
+        return cls(model, **{**preset_parameters(name), **overrides})
 
     @property
     def model(self):
