@@ -46,14 +46,15 @@ def decode_points(
     image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1], prompts=len(coords_input))
     step = step or len(coords_input)
     parts = [
-        _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
+        decode_prepared(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
         for start in range(0, len(coords_input), step)
     ]
     return tuple(torch.cat(part) for part in zip(*parts))
 
 
-def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float, logits_dtype: torch.dtype):
-    """``decode_points`` on one decoder batch of (B, T, C) sparse prompt embeddings."""
+def decode_prepared(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float, logits_dtype: torch.dtype):
+    """``decode_points`` for one decoder call: ``decoder`` a MaskDecoder, ``image`` from its
+    ``prepare_image``, (B, T, C) sparse prompt embeddings."""
     tokens, image_tokens, grid = decoder.run_transformer_on(image, sparse)
     multimask = range(1, decoder.num_mask_tokens)  # token 0 is the single-mask output
     iou = decoder.iou_from_tokens(tokens)[:, 1:].float()  # (B, 3)
@@ -84,33 +85,6 @@ def bfloat16_decoder(model):
         prompt_encoder=copy.deepcopy(model.prompt_encoder).to(torch.bfloat16),
         mask_decoder=copy.deepcopy(model.mask_decoder).to(torch.bfloat16),
     )
-
-
-def decoder_batch_size(
-    model, device: torch.device, requested: int, budget_bytes: int = 8 << 20, dtype: torch.dtype = torch.float32
-) -> int:
-    """Prompts per decoder call, for a decoder computing in ``dtype``.
-
-    The decoder's time on a CPU goes mostly to element-wise passes over (prompts, G*G, C)
-    tensors, and to page faults on fresh buffers of that size; keeping one such tensor near
-    ``budget_bytes`` measured fastest for ViT-B (fp32: 2 prompts ~31 ms/prompt vs 4 prompts
-    ~38 ms on one thread; bf16: 4 prompts). Accelerators get ``requested``.
-    """
-    if device.type != "cpu":
-        return requested
-    side = model.prompt_encoder.image_embedding_size
-    channels = model.mask_decoder.iou_token.weight.shape[1]
-    per_prompt = torch.finfo(dtype).bits // 8 * channels * side[0] * side[1]
-    return max(1, min(requested, budget_bytes // per_prompt))
-
-
-def upscale_chunk_size(input_side: int, image_size: tuple[int, int], budget_bytes: int = 256 << 20) -> int:
-    """How many masks to upsample at once so the float32 intermediates stay within ``budget_bytes``.
-
-    Each mask needs the padded input square (input_side**2) and the image-size result.
-    """
-    per_mask = 4 * (input_side * input_side + 2 * image_size[0] * image_size[1])
-    return max(1, budget_bytes // per_mask)
 
 
 def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
