@@ -21,7 +21,7 @@ import torch
 
 from sam_core.amg.candidates import MaskCandidates
 from sam_core.amg.cleanup import clean_small_regions
-from sam_core.amg.decoding import bfloat16_decoder, decode_points, uncrop_masks, upscale_logits, upscale_logits_as_matmul
+from sam_core.amg.decoding import bfloat16_decoder, decode_points, uncrop_masks, upscale_logits_as_matmul
 from sam_core.amg.filters import (
     box_area,
     box_xyxy_to_xywh,
@@ -34,7 +34,7 @@ from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
 from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
 from sam_core.amg.presets import preset_parameters
-from sam_core.amg.tuning import bfloat16_pays, decoder_batch_size, upscale_chunk_size
+from sam_core.amg.tuning import bfloat16_pays, decoder_batch_size, resize_block_size, upscale_chunk_size
 from sam_core.amg.rle import rle_area, rle_to_coco, rle_to_mask, transposed_masks_to_rle_arrays, with_list_counts
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -252,14 +252,16 @@ class AutomaticMaskGenerator:
     def _full_res_candidates(self, low_res, iou_preds, points, input_size, crop_size, crop_box, image_size):
         """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk.
 
-        The masks are handled transposed, (N, W, H): RLE runs down the columns, and the fast
-        path's matrix-product resize yields that layout directly (the fp32 path's is a view).
+        The masks are handled transposed, (N, W, H): RLE runs down the columns, and the
+        matrix-product resize yields that layout directly.
         """
         threshold = self.model.mask_threshold
-        if low_res.dtype == torch.bfloat16:  # from the bf16 decoder: resize as two bf16 matrix products
-            logits_t = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size, transposed=True)
-        else:
-            logits_t = upscale_logits(self.model, low_res, input_size, crop_size).transpose(1, 2)
+        block = resize_block_size(
+            low_res.device, low_res.dtype, low_res.shape[-1], self.model.image_encoder.img_size, torch.get_num_threads()
+        )
+        # In the decoder's dtype: bf16 products on the fast path, fp32 (within rounding of the
+        # official two interpolations) otherwise.
+        logits_t = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size, transposed=True, block=block)
         stability = stability_score(logits_t, threshold, self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:

@@ -10,6 +10,8 @@ library has kernels for it), so none is a constant found on one CPU:
   on 2 CPU cores). Accelerators take the whole ``points_per_batch``.
 - ``bfloat16_pays``: whether ``fast=True`` (bfloat16) is faster than float32 here. On CPUs
   without bf16 arithmetic bf16 is emulated and slower, so ``fast`` there stays in float32.
+- ``resize_block_size``: output positions per banded product of the low-res -> image resize
+  (``decoding.upscale_logits_as_matmul``), timed once per process, device and dtype (~0.1 s).
 - ``upscale_chunk_size``: masks upsampled at once, derived from the image size so that the
   float32 intermediates stay within a memory budget.
 
@@ -101,6 +103,30 @@ def bfloat16_pays(device_type: str, threads: int) -> bool:
     with torch.no_grad():
         times = best_times({"fp32": lambda: linear(x32, w32), "bf16": lambda: linear(x16, w16)})
     return times["bf16"] < times["fp32"]
+
+
+_RESIZE_BLOCKS = (None, 16, 32, 64, 128)  # None: one dense product per axis
+
+
+@functools.lru_cache(maxsize=None)
+def resize_block_size(device: torch.device, dtype: torch.dtype, low_side: int, input_side: int, threads: int):
+    """The fastest ``block`` of ``upscale_logits_as_matmul`` here, timed on 8 random low-res
+    masks of ``low_side`` resized through a padded ``input_side`` square to half that side (a
+    typical photo's size)."""
+    from types import SimpleNamespace
+
+    from sam_core.amg.decoding import upscale_logits_as_matmul
+
+    geometry = SimpleNamespace(image_encoder=SimpleNamespace(img_size=input_side))
+    generator = torch.Generator().manual_seed(0)
+    low_res = torch.randn(8, low_side, low_side, generator=generator).to(device=device, dtype=dtype)
+    size = (input_side, input_side)
+    out = (input_side // 2, input_side // 2)
+    times = best_times({
+        block: functools.partial(upscale_logits_as_matmul, geometry, low_res, size, out, True, block)
+        for block in _RESIZE_BLOCKS
+    })
+    return min(times, key=times.__getitem__)
 
 
 def upscale_chunk_size(input_side: int, image_size: tuple[int, int], budget_bytes: int = 256 << 20) -> int:
