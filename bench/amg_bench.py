@@ -32,6 +32,9 @@ VIT_B = dict(
     decoder_heads=8, decoder_mlp_dim=2048, iou_head_hidden_dim=256,
 )
 
+VIT_H = dict(VIT_B, embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31))
+SIZES = {"tiny": {}, "vit_b": VIT_B, "vit_h": VIT_H}
+
 
 def photo(side: int, square: bool = False) -> np.ndarray:
     """scikit-image's coffee photo resized to side x (3/4 side), its own 4:3 shape, or with
@@ -48,7 +51,8 @@ def photo(side: int, square: bool = False) -> np.ndarray:
 
 
 def models(encoder: str):
-    sizes = VIT_B if encoder == "vit_b" else {}
+    """(official Sam, our Sam) with the same random weights of the ``SIZES[encoder]`` shape."""
+    sizes = SIZES[encoder]
     ref = make_official_sam(seed=0, **sizes)
     with torch.no_grad():  # spread logits so stability scores are not all ~0 (see amg_parity)
         for mlp in ref.mask_decoder.output_hypernetworks_mlps:

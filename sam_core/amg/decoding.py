@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from types import SimpleNamespace
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +44,18 @@ def decode_points(
     sparse, dense = model.prompt_encoder(points=(coords_input[:, None, :], labels), boxes=None, masks=None)
     # With no mask prompt the dense embedding is the same for every prompt: prepare the image
     # side once, with batch 1, for all prompts.
-    image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1])
+    image = decoder.prepare_image(features, model.prompt_encoder.get_dense_pe(), dense[:1], prompts=len(coords_input))
     step = step or len(coords_input)
     parts = [
-        _decode_kept(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
+        decode_prepared(decoder, image, sparse[start : start + step], pred_iou_thresh, logits_dtype)
         for start in range(0, len(coords_input), step)
     ]
     return tuple(torch.cat(part) for part in zip(*parts))
 
 
-def _decode_kept(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float, logits_dtype: torch.dtype):
-    """``decode_points`` on one decoder batch of (B, T, C) sparse prompt embeddings."""
+def decode_prepared(decoder, image, sparse: torch.Tensor, pred_iou_thresh: float, logits_dtype: torch.dtype):
+    """``decode_points`` for one decoder call: ``decoder`` a MaskDecoder, ``image`` from its
+    ``prepare_image``, (B, T, C) sparse prompt embeddings."""
     tokens, image_tokens, grid = decoder.run_transformer_on(image, sparse)
     multimask = range(1, decoder.num_mask_tokens)  # token 0 is the single-mask output
     iou = decoder.iou_from_tokens(tokens)[:, 1:].float()  # (B, 3)
@@ -86,84 +88,70 @@ def bfloat16_decoder(model):
     )
 
 
-def decoder_batch_size(
-    model, device: torch.device, requested: int, budget_bytes: int = 8 << 20, dtype: torch.dtype = torch.float32
-) -> int:
-    """Prompts per decoder call, for a decoder computing in ``dtype``.
-
-    The decoder's time on a CPU goes mostly to element-wise passes over (prompts, G*G, C)
-    tensors, and to page faults on fresh buffers of that size; keeping one such tensor near
-    ``budget_bytes`` measured fastest for ViT-B (fp32: 2 prompts ~31 ms/prompt vs 4 prompts
-    ~38 ms on one thread; bf16: 4 prompts). Accelerators get ``requested``.
-    """
-    if device.type != "cpu":
-        return requested
-    side = model.prompt_encoder.image_embedding_size
-    channels = model.mask_decoder.iou_token.weight.shape[1]
-    per_prompt = torch.finfo(dtype).bits // 8 * channels * side[0] * side[1]
-    return max(1, min(requested, budget_bytes // per_prompt))
-
-
-def upscale_chunk_size(input_side: int, image_size: tuple[int, int], budget_bytes: int = 256 << 20) -> int:
-    """How many masks to upsample at once so the float32 intermediates stay within ``budget_bytes``.
-
-    Each mask needs the padded input square (input_side**2) and the image-size result.
-    """
-    per_mask = 4 * (input_side * input_side + 2 * image_size[0] * image_size[1])
-    return max(1, budget_bytes // per_mask)
-
-
-def upscale_logits(model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
-    """(N, 4G, 4G) low-res logits -> (N, H, W) float32 logits, bit-identical to
-    ``model.postprocess_masks`` (upscale to the padded square input, crop the padding, resize).
-
-    The padding is cropped away anyway, so only the low-res rows and columns that reach the
-    unpadded input (plus one for the bilinear neighbour) are upscaled: for a 4:3 photo that is a
-    quarter less work. Keeping the integer scale factor keeps every sample position, and so every
-    value, identical.
-    """
-    side = model.image_encoder.img_size
-    low_h, low_w = low_res.shape[-2:]
-    factor = side // low_h
-    if factor * low_h != side or factor * low_w != side:
-        return model.postprocess_masks(low_res[:, None], input_size, image_size)[:, 0]
-    rows = min(low_h, -(-input_size[0] // factor) + 1)
-    cols = min(low_w, -(-input_size[1] // factor) + 1)
-    needed = low_res[:, None, :rows, :cols]
-    upscaled = F.interpolate(needed, (rows * factor, cols * factor), mode="bilinear", align_corners=False)
-    upscaled = upscaled[..., : input_size[0], : input_size[1]]
-    return F.interpolate(upscaled, tuple(image_size), mode="bilinear", align_corners=False)[:, 0]
-
-
 def upscale_logits_as_matmul(
-    model, low_res: torch.Tensor, input_size: tuple[int, int], image_size: tuple[int, int], transposed: bool = False
+    model,
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    image_size: tuple[int, int],
+    transposed: bool = False,
+    block: Optional[int] = None,
 ) -> torch.Tensor:
-    """``upscale_logits`` as two matrix products, in ``low_res``'s dtype: (N, 4G, 4G) -> (N, H, W),
-    or, with ``transposed``, its transpose (N, W, H) at no extra cost (contiguous, for RLE).
+    """``Sam.postprocess_masks`` (upscale to the padded input square, crop the padding, resize to
+    the image) as matrix products, in ``low_res``'s dtype: (N, 4G, 4G) low-res logits -> (N, H, W),
+    or, with ``transposed``, its transpose (N, W, H), contiguous (for RLE).
 
     Both bilinear resizes (to the padded input square, then, after cropping the padding, to the
     image) are linear and separable, so their composition along each axis is one fixed
-    (low side, image side) matrix: logits = Rows^T @ low_res @ Cols. For the fast (bfloat16) path:
-    the products run on the CPU's bf16 matrix units, ~15x faster than the two interpolations for
-    ViT-B at 512x384 (equal to them within bf16 rounding, not bit-identical; the fp32 path keeps
-    ``upscale_logits``).
+    (low side, image side) matrix: logits = Rows^T @ low_res @ Cols, equal to the two
+    interpolations within float rounding (not bit-identical). Each output pixel depends on only
+    a few low-res ones, so the matrices are banded: with ``block``, each axis is multiplied in
+    blocks of ``block`` output positions against just the low-res positions they use (a tenth of
+    the dense products' work for a 2x upscale; ``tuning.resize_block_size`` measures the block
+    size fastest on a device). None: one dense product per axis.
     """
     side = model.image_encoder.img_size
     low_h, low_w = low_res.shape[-2:]
-    rows = _resize_matrix(low_h, side, input_size[0], image_size[0], low_res.dtype, low_res.device)
-    cols = _resize_matrix(low_w, side, input_size[1], image_size[1], low_res.dtype, low_res.device)
+    rows = _resize_bands(low_h, side, input_size[0], image_size[0], low_res.dtype, low_res.device, block)
+    cols = _resize_bands(low_w, side, input_size[1], image_size[1], low_res.dtype, low_res.device, block)
     # Low-res rows/columns that only reach the padding have all-zero weights (trimmed): skip them.
-    resized_cols = low_res[:, : len(rows), : len(cols)] @ cols
-    if transposed:  # (Rows^T X)^T = X^T Rows: the same products, so the same bf16 roundings
-        return resized_cols.transpose(1, 2) @ rows
-    return rows.T @ resized_cols
+    resized_cols = _banded_product(low_res[:, : rows.used, : cols.used], cols)  # (N, h, W)
+    logits_t = _banded_product(resized_cols.transpose(1, 2), rows)  # (N, W, H) = (Rows^T X Cols)^T
+    return logits_t if transposed else logits_t.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=16)
-def _resize_matrix(
-    low: int, side: int, valid: int, out: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """One axis of ``upscale_logits`` as a (used low-res positions, out) matrix: bilinear
+class _Bands(NamedTuple):
+    """A banded (used, out) resize matrix as column blocks: (first row, end row, block matrix)
+    for consecutive blocks of output columns; rows outside a block's span are all zero there."""
+
+    used: int
+    blocks: tuple[tuple[int, int, torch.Tensor], ...]
+
+
+def _banded_product(x: torch.Tensor, bands: _Bands) -> torch.Tensor:
+    """(N, m, used) @ the banded (used, out) matrix -> (N, m, out), contiguous."""
+    if len(bands.blocks) == 1:
+        first, end, matrix = bands.blocks[0]
+        return x[..., first:end] @ matrix
+    return torch.cat([x[..., first:end] @ matrix for first, end, matrix in bands.blocks], dim=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_bands(
+    low: int, side: int, valid: int, out: int, dtype: torch.dtype, device: torch.device, block: Optional[int]
+) -> _Bands:
+    """``_resize_matrix`` cut into blocks of ``block`` output columns (one block when None)."""
+    matrix = _resize_matrix(low, side, valid, out)
+    blocks = []
+    for start in range(0, out, block or out):
+        columns = matrix[:, start : start + (block or out)]
+        nonzero = columns.abs().sum(1).nonzero()
+        first, end = int(nonzero.min()), int(nonzero.max()) + 1
+        blocks.append((first, end, columns[first:end].to(device=device, dtype=dtype).contiguous()))
+    return _Bands(len(matrix), tuple(blocks))
+
+
+def _resize_matrix(low: int, side: int, valid: int, out: int) -> torch.Tensor:
+    """One axis of ``Sam.postprocess_masks`` as a (used low-res positions, out) float64 matrix: bilinear
     (align_corners=False) low -> side, keep the first ``valid``, bilinear -> out. Computed by
     resizing the identity (row i = the response to low-res position i), trimmed after the last
     low-res position with a nonzero weight."""
@@ -171,7 +159,7 @@ def _resize_matrix(
     padded = F.interpolate(basis, side, mode="linear", align_corners=False)[..., :valid]
     matrix = F.interpolate(padded, out, mode="linear", align_corners=False)[0]  # (low, out)
     used = int(matrix.abs().sum(1).nonzero().max()) + 1
-    return matrix[:used].to(device=device, dtype=dtype).contiguous()
+    return matrix[:used]
 
 
 def uncrop_masks(

@@ -21,15 +21,7 @@ import torch
 
 from sam_core.amg.candidates import MaskCandidates
 from sam_core.amg.cleanup import clean_small_regions
-from sam_core.amg.decoding import (
-    bfloat16_decoder,
-    decode_points,
-    decoder_batch_size,
-    uncrop_masks,
-    upscale_chunk_size,
-    upscale_logits,
-    upscale_logits_as_matmul,
-)
+from sam_core.amg.decoding import bfloat16_decoder, decode_points, uncrop_masks, upscale_logits_as_matmul
 from sam_core.amg.filters import (
     box_area,
     box_xyxy_to_xywh,
@@ -41,6 +33,8 @@ from sam_core.amg.filters import (
 from sam_core.amg.grid import build_all_layer_point_grids, generate_crop_boxes
 from sam_core.amg.heap import keep_freed_heap_memory
 from sam_core.amg.nms import box_nms
+from sam_core.amg.presets import preset_parameters
+from sam_core.amg.tuning import bfloat16_pays, decoder_batch_size, resize_block_size, upscale_chunk_size
 from sam_core.amg.rle import rle_area, rle_to_coco, rle_to_mask, transposed_masks_to_rle_arrays, with_list_counts
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -51,10 +45,13 @@ class AutomaticMaskGenerator:
 
     Parameters, defaults and outputs are those of segment-anything's ``SamAutomaticMaskGenerator``
     (see its documentation); extras, keyword-only:
-        fast: encoder under bfloat16 autocast, decoder with bfloat16 weights (faster, near-identical masks).
+        fast: encoder under bfloat16 autocast, decoder with bfloat16 weights (faster, near-identical
+            masks), where bfloat16 is faster than float32 on this device (``tuning.bfloat16_pays``:
+            measured on a CPU); elsewhere ``fast`` changes nothing. ``uses_bfloat16`` tells which.
         encoder_batch_size: how many images/crops the encoder takes at once in ``generate_batch``.
         decoder_batch_size: prompts per decoder call within each ``points_per_batch`` batch
-            (default: ``points_per_batch`` on accelerators, a cache-sized count on CPU).
+            (default: ``points_per_batch`` on accelerators, on a CPU the count measured fastest
+            there, ``tuning.decoder_batch_size``).
     """
 
     def __init__(
@@ -108,9 +105,21 @@ class AutomaticMaskGenerator:
         if self.predictor.device.type == "cpu":
             keep_freed_heap_memory()
 
+    @classmethod
+    def preset(cls, name: str, model, **overrides) -> "AutomaticMaskGenerator":
+        """A generator with the settings of a named preset (``sam_core.amg.presets``; ``"sa1b"``:
+        the recipe that generated SA-1B), ``overrides`` taking precedence."""
+        return cls(model, **{**preset_parameters(name), **overrides})
+
     @property
     def model(self):
         return self.predictor.model
+
+    @property
+    def uses_bfloat16(self) -> bool:
+        """Whether this generator computes in bfloat16: ``fast`` was asked for and bf16 is faster
+        than float32 on the model's device (measured once per process on a CPU)."""
+        return self.fast and bfloat16_pays(self.predictor.device.type, torch.get_num_threads())
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
@@ -148,7 +157,7 @@ class AutomaticMaskGenerator:
         return self._fast_decoder
 
     def _autocast(self):
-        if not self.fast:
+        if not self.uses_bfloat16:
             return nullcontext()
         return torch.autocast(self.predictor.device.type, dtype=torch.bfloat16)
 
@@ -217,10 +226,10 @@ class AutomaticMaskGenerator:
             self.predictor.transform.apply_coords(points, crop_size), device=self.predictor.device
         )
         decoder, features = self.model, embedding.features
-        if self.fast:
+        if self.uses_bfloat16:
             decoder, features = self._bf16_decoder(), features.to(torch.bfloat16)
         step = self.decoder_batch_size or decoder_batch_size(
-            self.model, coords.device, len(coords), dtype=features.dtype
+            decoder, coords.device, self.points_per_batch, dtype=features.dtype
         )
         # The predicted-IoU filter is applied inside decode_points, before masks are upscaled.
         low_res, iou_preds, keep = decode_points(
@@ -243,14 +252,16 @@ class AutomaticMaskGenerator:
     def _full_res_candidates(self, low_res, iou_preds, points, input_size, crop_size, crop_box, image_size):
         """Upsample, score stability, binarise, box, drop crop-edge masks, encode: one chunk.
 
-        The masks are handled transposed, (N, W, H): RLE runs down the columns, and the fast
-        path's matrix-product resize yields that layout directly (the fp32 path's is a view).
+        The masks are handled transposed, (N, W, H): RLE runs down the columns, and the
+        matrix-product resize yields that layout directly.
         """
         threshold = self.model.mask_threshold
-        if self.fast:  # bf16 logits from the bf16 decoder: resize them as two bf16 matrix products
-            logits_t = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size, transposed=True)
-        else:
-            logits_t = upscale_logits(self.model, low_res, input_size, crop_size).transpose(1, 2)
+        block = resize_block_size(
+            low_res.device, low_res.dtype, low_res.shape[-1], self.model.image_encoder.img_size, torch.get_num_threads()
+        )
+        # In the decoder's dtype: bf16 products on the fast path, fp32 (within rounding of the
+        # official two interpolations) otherwise.
+        logits_t = upscale_logits_as_matmul(self.model, low_res, input_size, crop_size, transposed=True, block=block)
         stability = stability_score(logits_t, threshold, self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:

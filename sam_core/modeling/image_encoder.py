@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam_core.config import SamVisionConfig
+from sam_core.modeling.chunked_attention import rel_pos_attention_by_rows, rows_per_block
 from sam_core.modeling.common import LayerNorm2d, MLPBlock, activation_class
+from sam_core.modeling.cpu_linear import linear
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -56,6 +58,27 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[offsets.long()]
 
 
+def decomposed_rel_pos_factors(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the decomposed relative-position bias, in q's dtype.
+
+    q: (B, heads, qh*qw, hd) unscaled queries. Returns bias_h (B, heads, qh*qw, kh) with
+    bias_h[i, r] = q_i . Rh[row_i - r], and bias_w (B, heads, qh*qw, kw) with bias_w[i, c] =
+    q_i . Rw[col_i - c]; the bias of key j = (r, c) is their sum.
+    """
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, heads, _, hd = q.shape
+    table_h = relative_position_table(qh, kh, rel_pos_h).to(q.dtype)  # (qh, kh, hd)
+    table_w = relative_position_table(qw, kw, rel_pos_w).to(q.dtype)  # (qw, kw, hd)
+    grid_q = q.reshape(b, heads, qh, qw, hd)
+    # einsum may return permuted strides; the broadcast sum in decomposed_rel_pos_bias would
+    # follow them and its reshape would then copy the whole bias once more. The factors are small.
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).contiguous()  # (B, heads, qh, qw, kh)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).contiguous()  # (B, heads, qh, qw, kw)
+    return bias_h.view(b, heads, qh * qw, kh), bias_w.view(b, heads, qh * qw, kw)
+
+
 def decomposed_rel_pos_bias(
     q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
 ) -> torch.Tensor:
@@ -64,17 +87,11 @@ def decomposed_rel_pos_bias(
     q: (B, heads, qh*qw, hd) unscaled queries. Returns (B, heads, qh*qw, kh*kw), in q's dtype,
     where bias[i, j] = q_i . Rh[row_i - row_j] + q_i . Rw[col_i - col_j].
     """
-    (qh, qw), (kh, kw) = q_hw, k_hw
-    b, heads, _, hd = q.shape
-    table_h = relative_position_table(qh, kh, rel_pos_h).to(q.dtype)  # (qh, kh, hd)
-    table_w = relative_position_table(qw, kw, rel_pos_w).to(q.dtype)  # (qw, kw, hd)
-    grid_q = q.reshape(b, heads, qh, qw, hd)
-    # einsum may return permuted strides; the broadcast sum would follow them and the reshape
-    # below would then copy the whole (qh*qw, kh*kw) bias once more. The factors are small.
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).contiguous()  # (B, heads, qh, qw, kh)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).contiguous()  # (B, heads, qh, qw, kw)
+    (kh, kw) = k_hw
+    b, heads, n, _ = q.shape
+    bias_h, bias_w = decomposed_rel_pos_factors(q, rel_pos_h, rel_pos_w, q_hw, k_hw)
     bias = bias_h[..., :, None] + bias_w[..., None, :]
-    return bias.reshape(b, heads, qh * qw, kh * kw)
+    return bias.reshape(b, heads, n, kh * kw)
 
 
 class Attention(nn.Module):
@@ -97,14 +114,28 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, d = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
-        bias = None
-        if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # default scale = hd ** -0.5
+        rows = self._rows_per_block(q)
+        if rows is not None:  # a long sequence on a CPU: no (heads, N, N) bias materialised
+            bias_h, bias_w = decomposed_rel_pos_factors(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            out = rel_pos_attention_by_rows(q, k, v, bias_h, bias_w, rows)
+        else:
+            bias = None
+            if self.use_rel_pos:
+                bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # default scale = hd ** -0.5
         out = out.transpose(1, 2).reshape(b, h, w, d)
-        return self.proj(out)
+        return linear(out, self.proj.weight, self.proj.bias)
+
+
+    def _rows_per_block(self, q: torch.Tensor) -> Optional[int]:
+        """Query rows per block for ``rel_pos_attention_by_rows``, or None for SDPA: on a CPU, for
+        inference, when the whole rel-pos bias would not fit in the cache."""
+        if not self.use_rel_pos or q.device.type != "cpu" or (torch.is_grad_enabled() and q.requires_grad):
+            return None
+        b, heads, n, _ = q.shape
+        return rows_per_block(b, heads, n, q.element_size())
 
 
 class Block(nn.Module):

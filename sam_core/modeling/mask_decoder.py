@@ -12,17 +12,20 @@ from torch import nn
 
 from sam_core.config import SamMaskDecoderConfig
 from sam_core.modeling.common import LayerNorm2d
-from sam_core.modeling.transformer import TwoWayTransformer
+from sam_core.modeling.cpu_linear import linear
+from sam_core.modeling.transformer import SharedImageProjections, TwoWayTransformer
 
 
 class PreparedImage(NamedTuple):
     """Image side of the decoder input: image + dense prompt as tokens (B or 1, h*w, C), their
-    positional encoding (1, h*w, C), the sum of the two, and the grid (h, w)."""
+    positional encoding (1, h*w, C), the sum of the two, the grid (h, w), and for an image
+    shared by many prompts the transformer's first-layer projections of it (or None)."""
 
     tokens: torch.Tensor
     pe: torch.Tensor
     tokens_with_pe: torch.Tensor
     grid: tuple[int, int]
+    shared: Optional[SharedImageProjections] = None
 
 
 class MLP(nn.Module):
@@ -123,17 +126,25 @@ class MaskDecoder(nn.Module):
         tokens (B, h*w, C) and the grid (h, w). ``iou_from_tokens`` and ``masks_from_tokens``
         finish the prediction; splitting them lets a caller skip the masks it will not keep.
         """
-        image = self.prepare_image(image_embeddings, image_pe, dense_prompt_embeddings)
+        image = self.prepare_image(
+            image_embeddings, image_pe, dense_prompt_embeddings, prompts=sparse_prompt_embeddings.shape[0]
+        )
         return self.run_transformer_on(image, sparse_prompt_embeddings, attention_similarity, target_embedding)
 
     def prepare_image(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        prompts: int = 1,
     ) -> PreparedImage:
-        """The image side of the transformer's input (shapes as in ``forward``), channels-last.
+        """The image side of the transformer's input (shapes as in ``forward``), channels-last,
+        for ``prompts`` prompts in all.
 
-        Batch 1 when the image and dense prompt are shared by all prompts: the transformer then
-        computes the first layer's image-side work once (see TwoWayTransformer), and a caller
-        decoding many prompt batches on one image can prepare it once for all of them.
+        Batch 1 when the image and dense prompt are shared by all prompts: the transformer's first
+        layer then projects the image once for all of them where that pays for ``prompts``
+        (``TwoWayTransformer.shared_projection_pays``), and a caller decoding many prompt batches
+        on one image prepares it once for all of them.
         """
         if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
             # The no-mask embedding expanded over the batch: one row stands for all.
@@ -141,7 +152,11 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense_prompt_embeddings
         tokens = src.flatten(2).transpose(1, 2).contiguous()
         pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return PreparedImage(tokens, pe, tokens + pe, tuple(src.shape[-2:]))
+        tokens_with_pe = tokens + pe
+        shared = None
+        if self.transformer.shared_projection_pays(prompts, tokens, tokens_with_pe):
+            shared = self.transformer.project_shared_image(tokens, tokens_with_pe)
+        return PreparedImage(tokens, pe, tokens_with_pe, tuple(src.shape[-2:]), shared)
 
     def run_transformer_on(
         self,
@@ -155,7 +170,8 @@ class MaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
         tokens, image_tokens = self.transformer(
-            image.tokens, image.pe, tokens, attention_similarity, target_embedding, image_with_pe=image.tokens_with_pe
+            image.tokens, image.pe, tokens, attention_similarity, target_embedding,
+            image_with_pe=image.tokens_with_pe, shared=image.shared,
         )
         return tokens, image_tokens, image.grid
 
@@ -180,7 +196,11 @@ class MaskDecoder(nn.Module):
         up1, norm, act1, up2, act2 = self.output_upscaling
         batch = image_tokens.shape[0]
         x = _activate(act1, norm.channels_last(_pixelwise(up1, image_tokens)))  # (B, h*w, 2*2, C/4)
-        x = _activate(act2, _pixelwise(up2, x))  # (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
+        if act2.approximate == "none":  # exact GELU: inside the product where oneDNN runs it
+            x = _pixelwise(up2, x, gelu=True)
+        else:
+            x = _activate(act2, _pixelwise(up2, x))
+        # x: (B, h*w, 2*2, 2*2, C/8): blocks (ki, kj) then (li, lj)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in mask_indices], dim=1
         )  # (B, M, C/8)
@@ -215,10 +235,10 @@ def _activate(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate=act.approximate, out=x)
 
 
-def _pixelwise(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+def _pixelwise(conv: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """A kernel-2 stride-2 ``ConvTranspose2d`` on channels-last input: (..., C_in) -> (..., 2*2, C_out),
-    the new dim being the output block's (row, column) offsets."""
+    the new dim being the output block's (row, column) offsets; then an exact GELU when ``gelu``."""
     c_in, c_out = conv.weight.shape[:2]
     weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)
-    out = F.linear(x, weight, conv.bias.repeat(4))
+    out = linear(x, weight, conv.bias.repeat(4), gelu=gelu)
     return out.view(*x.shape[:-1], 4, c_out)

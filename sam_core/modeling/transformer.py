@@ -4,7 +4,7 @@ Shapes: tokens (B, T, C), image (B, C, h, w) flattened internally to (B, h*w, C)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,16 @@ from torch import nn
 
 from sam_core.config import SamMaskDecoderConfig
 from sam_core.modeling.common import MLPBlock, activation_class
+
+
+class SharedImageProjections(NamedTuple):
+    """The first layer's per-head projections of an image shared by every prompt: token->image
+    keys (H, d, N) and values (H, N, d), image->token queries (H, d, N); N image tokens, H heads
+    of width d (``TwoWayTransformer.project_shared_image``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -130,6 +140,75 @@ class Attention(nn.Module):
         return torch.baddbmm(residual, probs.transpose(1, 2), values.reshape(batch, heads * n_tokens, channels))
 
 
+    def project_shared_image(
+        self, image_keys: torch.Tensor, image_values: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-head projections of an image shared by all prompts, for the ``*_projected_image`` methods.
+
+        image_keys (1, N, C) -> keys (H, d, N), projected by ``k_proj`` when ``image_values`` (1, N, C)
+        is given (token->image: then values (H, N, d) by ``v_proj``), else by ``q_proj``
+        (image->token: the image tokens are the queries; values None).
+        """
+        heads, n_image = self.num_heads, image_keys.shape[1]
+        if image_values is None:
+            return self.q_proj(image_keys[0]).view(n_image, heads, -1).permute(1, 2, 0).contiguous(), None
+        keys = self.k_proj(image_keys[0]).view(n_image, heads, -1).permute(1, 2, 0).contiguous()
+        values = self.v_proj(image_values[0]).view(n_image, heads, -1).transpose(0, 1).contiguous()
+        return keys, values
+
+    def tokens_to_projected_image(
+        self,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``forward(tokens, image_keys, image_values, attention_bias)`` for an image shared by every
+        prompt, its keys (H, d, N) and values (H, N, d) projected once (``project_shared_image``):
+        tokens (B, T, C) -> (B, T, C).
+
+        Per prompt this is (T, d) x (d, N) per head: d = C / (heads * downsample) values per image
+        token instead of the C of the low-rank ``tokens_to_image``.
+        """
+        batch, n_tokens, _ = tokens.shape
+        heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
+        q = self.q_proj(tokens) * head_dim**-0.5
+        q = q.view(batch * n_tokens, heads, head_dim).transpose(0, 1)  # (H, B*T, d)
+        scores = torch.bmm(q, keys)  # (H, B*T, N)
+        if attention_bias is not None:
+            bias = attention_bias.to(scores.dtype).expand(batch, heads, n_tokens, -1).transpose(0, 1)
+            scores = (scores.view(heads, batch, n_tokens, -1) + bias).flatten(1, 2)
+        mixed = torch.bmm(scores.softmax(-1), values)  # (H, B*T, d)
+        return self.out_proj(mixed.transpose(0, 1).reshape(batch, n_tokens, self.internal_dim))
+
+    def projected_image_to_tokens(
+        self, queries: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``image_to_tokens`` for image queries shared by every prompt, projected once
+        (``project_shared_image``: (H, d, N)); tokens_k and tokens_v (B, T, C), residual (B or 1, N, C)
+        -> (B, N, C).
+
+        The logits cost (T, d) x (d, N) per head and prompt instead of the low-rank (T, C) x (C, N);
+        the output keeps the low-rank form (values folded into the output projection).
+        """
+        batch, n_tokens, channels = tokens_k.shape
+        heads = self.num_heads
+        k = self._split_heads(self.k_proj(tokens_k))  # (B, H, T, d)
+        k = k * k.shape[-1] ** -0.5
+        v = self._split_heads(self.v_proj(tokens_v))
+        if torch.is_grad_enabled() and (k.requires_grad or queries.requires_grad):
+            logits = torch.stack([torch.bmm(k[b], queries) for b in range(batch)])
+        else:  # each prompt's (H, T, N) straight into place: no stacked copy
+            logits = k.new_empty(batch, heads, n_tokens, queries.shape[-1])
+            for b in range(batch):
+                torch.bmm(k[b], queries, out=logits[b])
+        probs = logits.softmax(2).view(batch, heads * n_tokens, -1)  # softmax over the T tokens, N contiguous
+        head_dim = k.shape[-1]
+        out_proj_t = self.out_proj.weight.T.reshape(heads, head_dim, channels)
+        values = v @ out_proj_t + self.out_proj.bias / heads  # (B, H, T, C)
+        return torch.baddbmm(residual, probs.transpose(1, 2), values.reshape(batch, heads * n_tokens, channels))
+
+
 def _scores_against_image(
     queries: torch.Tensor,
     image: torch.Tensor,
@@ -187,9 +266,12 @@ class TwoWayAttentionBlock(nn.Module):
         key_pe: torch.Tensor,
         attention_similarity: Optional[torch.Tensor] = None,
         keys_with_pe: Optional[torch.Tensor] = None,
+        shared: Optional[SharedImageProjections] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, T, C), keys (B, HW, C) and their positional encodings -> updated pair.
-        ``keys_with_pe``: keys + key_pe, when the caller has it already."""
+        """queries (B, T, C), keys (B or 1, HW, C) and their positional encodings -> updated pair.
+        ``keys_with_pe``: keys + key_pe, when the caller has it already. ``shared``: this layer's
+        projections of keys shared by every prompt (``project_shared_image``), used instead of the
+        per-prompt low-rank forms."""
         if self.skip_first_layer_pe:
             # The first layer replaces (not adds to) its input: the tokens already are their own PE.
             queries = self.self_attn(queries, queries, queries)
@@ -198,21 +280,35 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        # Both cross-attentions see the image tokens plus their PE: given as keys_with_pe, or as
-        # the two parts (the attention then never forms their sum per prompt).
-        image, image_pe = (keys, key_pe) if keys_with_pe is None else (keys_with_pe, None)
-        attended = self.cross_attn_token_to_image.tokens_to_image(
-            queries + query_pe, image, keys, attention_similarity, image_keys_pe=image_pe
-        )
+        if shared is not None:
+            attended = self.cross_attn_token_to_image.tokens_to_projected_image(
+                queries + query_pe, shared.keys, shared.values, attention_similarity
+            )
+        else:
+            # Both cross-attentions see the image tokens plus their PE: one sum serves both.
+            if keys_with_pe is None:
+                keys_with_pe = keys + key_pe
+            attended = self.cross_attn_token_to_image.tokens_to_image(
+                queries + query_pe, keys_with_pe, keys, attention_similarity
+            )
         queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
 
-        keys = self.norm4(
-            self.cross_attn_image_to_token.image_to_tokens(
-                image, queries + query_pe, queries, residual=keys, image_queries_pe=image_pe
+        if shared is not None:
+            updated = self.cross_attn_image_to_token.projected_image_to_tokens(
+                shared.queries, queries + query_pe, queries, residual=keys
             )
-        )
-        return queries, keys
+        else:
+            updated = self.cross_attn_image_to_token.image_to_tokens(
+                keys_with_pe, queries + query_pe, queries, residual=keys
+            )
+        return queries, self.norm4(updated)
+
+    def project_shared_image(self, keys: torch.Tensor, keys_with_pe: torch.Tensor) -> SharedImageProjections:
+        """This layer's projections of image tokens shared by every prompt: keys and keys_with_pe (1, N, C)."""
+        image_keys, image_values = self.cross_attn_token_to_image.project_shared_image(keys_with_pe, keys)
+        image_queries, _ = self.cross_attn_image_to_token.project_shared_image(keys_with_pe)
+        return SharedImageProjections(image_keys, image_values, image_queries)
 
 
 class TwoWayTransformer(nn.Module):
@@ -237,15 +333,18 @@ class TwoWayTransformer(nn.Module):
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
         image_with_pe: Optional[torch.Tensor] = None,
+        shared: Optional[SharedImageProjections] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding and image_pe (B or 1, C, h, w), point_embedding (B, T, C)
         -> (tokens (B, T, C), image tokens (B, h*w, C)).
 
         The image and its PE may also come as tokens (B or 1, h*w, C), with ``image_with_pe``
-        their sum: a caller decoding many prompt batches on one image prepares them once.
+        their sum, and ``shared`` its ``project_shared_image``: a caller decoding many prompt
+        batches on one image prepares them once.
 
         An image batch of 1 is shared by all B prompts until the first image update, so the
-        first layer projects the image tokens once instead of B times (same result).
+        first layer projects the image tokens once for all prompts (``project_shared_image``)
+        when that is fewer operations than its per-prompt low-rank forms (same result).
 
         PerSAM inputs, as the Hugging Face model takes them: ``attention_similarity`` is added to
         the token->image logits of every layer; ``target_embedding`` (broadcast to (B, T, C)) is
@@ -254,6 +353,10 @@ class TwoWayTransformer(nn.Module):
         """
         keys = image_embedding.flatten(2).transpose(1, 2) if image_embedding.ndim == 4 else image_embedding
         key_pe = image_pe.flatten(2).transpose(1, 2) if image_pe.ndim == 4 else image_pe
+        if image_with_pe is None and keys.shape[0] == key_pe.shape[0] == 1:
+            image_with_pe = keys + key_pe
+        if shared is None and self.shared_projection_pays(point_embedding.shape[0], keys, image_with_pe):
+            shared = self.project_shared_image(keys, image_with_pe)
         query_pe = point_embedding
         if target_embedding is not None:
             query_pe = point_embedding + target_embedding
@@ -261,9 +364,28 @@ class TwoWayTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if target_embedding is not None and i > 0:
                 queries = queries + target_embedding
+            first = i == 0
             queries, keys = layer(
-                queries, keys, query_pe, key_pe, attention_similarity, image_with_pe if i == 0 else None
+                queries, keys, query_pe, key_pe, attention_similarity,
+                image_with_pe if first else None, shared if first else None,
             )
         attended = self.final_attn_token_to_image.tokens_to_image(queries + query_pe, keys, keys, image_keys_pe=key_pe)
         queries = self.norm_final_attn(queries + attended)
         return queries, keys.expand(queries.shape[0], -1, -1)
+
+    def project_shared_image(self, image_tokens: torch.Tensor, image_with_pe: torch.Tensor) -> SharedImageProjections:
+        """The first layer's projections of image tokens and their sum with the PE (1, h*w, C),
+        shared by every prompt."""
+        return self.layers[0].project_shared_image(image_tokens, image_with_pe)
+
+    def shared_projection_pays(
+        self, prompts: int, image_tokens: torch.Tensor, image_with_pe: Optional[torch.Tensor], tokens_per_prompt: int = 7
+    ) -> bool:
+        """Whether projecting a shared image once (three (N, C) x (C, C / rate) products) costs
+        fewer multiply-adds than the per-prompt low-rank forms it replaces for ``prompts`` prompts
+        (about three (heads * T, C) x (C, N) products each, T ~ ``tokens_per_prompt``)."""
+        if image_with_pe is None or image_tokens.shape[0] != 1 or image_with_pe.shape[0] != 1:
+            return False
+        attention = self.layers[0].cross_attn_token_to_image
+        per_prompt = 3 * attention.num_heads * tokens_per_prompt
+        return prompts * per_prompt > 3 * attention.internal_dim

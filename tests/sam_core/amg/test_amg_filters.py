@@ -76,24 +76,9 @@ def test_uncrop_masks_matches_oracle():
         assert torch.equal(transposed, expected.transpose(1, 2))
 
 
-def test_upscale_logits_is_bit_identical_to_model_postprocessing():
-    from sam_core import build_sam
-    from sam_core.amg.decoding import upscale_logits
-    from tests.sam_factory import tiny_config
-
-    model = build_sam(tiny_config())  # 256 input, 64x64 low-res masks
-    low_res = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0)) * 5
-    for original in [(200, 300), (230, 135), (90, 135), (256, 256), (31, 257), (1000, 7)]:
-        scale = 256 / max(original)
-        input_size = tuple(int(v * scale + 0.5) for v in original)
-        ours = upscale_logits(model, low_res, input_size, original)
-        reference = model.postprocess_masks(low_res[:, None], input_size, original)[:, 0]
-        assert torch.equal(ours, reference), original
-
-
 def test_upscale_logits_as_matmul_equals_model_postprocessing():
-    """The fast path's resize as two matrix products: fp32 equal to the official two
-    interpolations within float rounding, bf16 within bf16 rounding of the logits."""
+    """The resize as matrix products: fp32 equal to the official two interpolations within float
+    rounding, bf16 within bf16 rounding of the logits, banded blocks equal to the dense products."""
     from sam_core import build_sam
     from sam_core.amg.decoding import upscale_logits_as_matmul
     from tests.sam_factory import tiny_config
@@ -112,6 +97,10 @@ def test_upscale_logits_as_matmul_equals_model_postprocessing():
         fast_t = upscale_logits_as_matmul(model, low_res.to(torch.bfloat16), input_size, original, transposed=True)
         assert fast_t.is_contiguous()
         assert torch.equal(fast_t, fast.transpose(1, 2))  # same products, same roundings
+        for block in (1, 7, 32):  # banded products: the dense ones without their zero terms
+            banded = upscale_logits_as_matmul(model, low_res, input_size, original, transposed=True, block=block)
+            assert banded.is_contiguous()
+            torch.testing.assert_close(banded, ours.transpose(1, 2), atol=1e-5, rtol=1e-5, msg=str((original, block)))
         # bf16 keeps 8 significant bits: error relative to the logits' scale (|logits| <= ~20).
         torch.testing.assert_close(fast.float(), reference, atol=0.15, rtol=0.02, msg=str(original))
         assert ((fast > 0) == (reference > 0)).float().mean() > 0.99

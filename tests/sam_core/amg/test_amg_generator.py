@@ -62,16 +62,10 @@ def test_fast_path_stays_close_to_fp32(model, photo):
 
 
 def test_decoder_sub_batches_change_nothing(model, photo):
-    from sam_core import build_sam, SamConfig
-    from sam_core.amg.decoding import decoder_batch_size
-
     kwargs = dict(points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
-    whole = AutomaticMaskGenerator(model, **kwargs).generate(photo)
+    whole = AutomaticMaskGenerator(model, decoder_batch_size=64, **kwargs).generate(photo)
     split = AutomaticMaskGenerator(model, decoder_batch_size=3, **kwargs).generate(photo)
-    assert len(split) == len(whole) == 75
+    tuned = AutomaticMaskGenerator(model, **kwargs).generate(photo)  # the size measured on this machine
+    assert len(split) == len(whole) == len(tuned) == 75
     assert matched_fraction(whole, split, iou_pred_atol=1e-5, stability_atol=1e-3) == 1.0
-    # ViT-B on a CPU: (prompts, 64*64, 256) kept near 8 MiB -> 2 prompts per call in fp32, 4 in bf16
-    vit_b = build_sam(SamConfig.preset("vit_b"))
-    assert decoder_batch_size(vit_b, torch.device("cpu"), 64) == 2
-    assert decoder_batch_size(vit_b, torch.device("cpu"), 64, dtype=torch.bfloat16) == 4
-    assert decoder_batch_size(vit_b, torch.device("cuda"), 64) == 64
+    assert matched_fraction(whole, tuned, iou_pred_atol=1e-5, stability_atol=1e-3) == 1.0
