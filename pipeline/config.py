@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from sam_core.amg.presets import PRESET_NAMES
 from pipeline.units import DEFAULT_UNIT_SIZE
 from pipeline.redact import redact_mapping
 
@@ -69,7 +70,11 @@ class AnnotateConfig:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
 
-    # bfloat16 autocast in the generator, on GPU actors only (faster, near-identical masks).
+    # The named AMG settings the run started from (`--preset`); the AMG fields hold the values used.
+    preset: Optional[str] = None
+
+    # bfloat16 in the generator where it is faster than float32: GPUs, and CPUs whose bf16 products
+    # measure faster (sam_core.amg.tuning.bfloat16_pays); near-identical masks.
     fast: bool = False
 
     # Scaling knobs.
@@ -206,6 +211,8 @@ def _problems(config: AnnotateConfig) -> List[str]:
         )
     if config.model_type is not None and config.model_type not in MODEL_TYPES:
         problems.append(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {config.model_type!r}")
+    if config.preset is not None and config.preset not in PRESET_NAMES:
+        problems.append(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {config.preset!r}")
     if config.multimask not in MULTIMASK_MODES:
         problems.append(f"--multimask must be one of {', '.join(MULTIMASK_MODES)}, got {config.multimask!r}")
     if config.checkpoint_sha256 is not None and not _SHA256_HEX.fullmatch(str(config.checkpoint_sha256).strip()):

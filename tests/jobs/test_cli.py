@@ -272,3 +272,15 @@ def test_a_run_that_stops_on_the_store_or_leaves_units_is_one_line(failure, tmp_
     assert cli.main(["--demo", "--output", str(tmp_path / "out"), "--no-progress"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sam-annotate: error:")]
     assert len(errors) == 1 and ("failed 5 times" in errors[0] or "rerun the same command" in errors[0])
+
+
+def test_the_sa1b_preset_sets_the_papers_parameters_and_given_options_win():
+    from sam_core.amg.presets import preset_parameters
+
+    config = parse("--input", "i", "--output", "o", "--checkpoint", "c", "--preset", "sa1b")
+    assert config.preset == "sa1b" and config.amg_kwargs() == {**parse("--input", "i", "--output", "o",
+                                                                       "--checkpoint", "c").amg_kwargs(),
+                                                              **preset_parameters("sa1b")}
+    assert (config.crop_n_layers, config.min_mask_region_area) == (2, 100)
+    mine = parse("--input", "i", "--output", "o", "--checkpoint", "c", "--preset", "sa1b", "--crop-n-layers", "1")
+    assert mine.crop_n_layers == 1 and mine.crop_n_points_downscale_factor == 2
