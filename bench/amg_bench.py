@@ -23,8 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.sam_core.amg.amg_parity import LOGIT_GAIN, matched_fraction  # noqa: E402
-from tests.sam_factory import make_official_sam, tiny_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import cpu_model  # noqa: E402  (bench/report.py)
+from sam_core.amg.presets import PRESET_NAMES, preset_parameters  # noqa: E402
+from tests.sam_core.amg.amg_parity import LOGIT_GAIN, amg_model_pair, matched_fraction  # noqa: E402
 
 VIT_B = dict(
     embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14,
@@ -50,19 +53,10 @@ def photo(side: int, square: bool = False) -> np.ndarray:
     return np.asarray(image.resize((side, side * 3 // 4), Image.BILINEAR))
 
 
-def models(encoder: str):
-    """(official Sam, our Sam) with the same random weights of the ``SIZES[encoder]`` shape."""
-    sizes = SIZES[encoder]
-    ref = make_official_sam(seed=0, **sizes)
-    with torch.no_grad():  # spread logits so stability scores are not all ~0 (see amg_parity)
-        for mlp in ref.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(LOGIT_GAIN)
-            mlp.layers[-1].bias.mul_(LOGIT_GAIN)
-    from sam_core import build_sam
-
-    ours = build_sam(tiny_config(**sizes))
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours.eval()
+def models(encoder: str, logit_gain: float = LOGIT_GAIN, iou_shift: float = 0.0):
+    """(official Sam, our Sam) with the same random weights of the ``SIZES[encoder]`` shape; logits
+    spread so that stability scores are not all ~0 (see tests/sam_core/amg/amg_parity.py)."""
+    return amg_model_pair(0, logit_gain, iou_shift, **SIZES[encoder])
 
 
 def timed(fn, repeat: int):
@@ -86,6 +80,8 @@ def main() -> None:
     parser.add_argument("--stability-thresh", type=float, default=0.0)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument("--crop-n-layers", type=int, default=0)
+    parser.add_argument("--preset", choices=PRESET_NAMES,
+                        help="a named setting instead of the filter options above (sa1b: the paper's automatic stage)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-fast", action="store_true", help="skip the bf16 fast path")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of our fp32 run")
@@ -97,13 +93,33 @@ def main() -> None:
     from sam_core import AutomaticMaskGenerator
 
     image = photo(args.image_side, args.square)
-    ref_model, our_model = models(args.encoder)
+    if args.preset:
+        # Random weights predict IoUs near 0 and stability near 0.7: as in the preset's parity test,
+        # shifted IoUs and 10x the logit gain let masks through 0.88 / 0.95 on both sides, and the
+        # inner-crop-edge filter (which random masks spanning whole crops never pass) is off in
+        # both generators, so that all 21 crops' masks are decoded, merged and cleaned up.
+        import segment_anything.automatic_mask_generator as official_module
+
+        import sam_core.amg.generator as our_module
+
+        def never_near(boxes, *rest, **options):
+            return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+
+        official_module.is_box_near_crop_edge = our_module.is_box_near_crop_edge = never_near
+        ref_model, our_model = models(args.encoder, logit_gain=10 * LOGIT_GAIN, iou_shift=1.0)
+    else:
+        ref_model, our_model = models(args.encoder)
     kwargs = dict(
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
         box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers,
     )
-    print(f"encoder={args.encoder} image={image.shape[1]}x{image.shape[0]} threads={args.threads} {kwargs}", flush=True)
+    if args.preset:
+        kwargs = {**preset_parameters(args.preset), "points_per_batch": args.points_per_batch}
+    # The official generator runs first, so it runs without the glibc malloc settings that ours
+    # makes process-wide (sam_core/amg/heap.py) on its first call.
+    print(f"cpu={cpu_model()} encoder={args.encoder} image={image.shape[1]}x{image.shape[0]} threads={args.threads} "
+          f"{kwargs} (official first, without our malloc settings)", flush=True)
 
     with torch.no_grad():
         ref_time, ref_records = timed(lambda: SamAutomaticMaskGenerator(ref_model, **kwargs).generate(image), args.repeat)

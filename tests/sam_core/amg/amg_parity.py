@@ -11,8 +11,9 @@ import torch
 LOGIT_GAIN = 300.0
 
 
-def amg_model_pair(seed: int = 0, logit_gain: float = LOGIT_GAIN, iou_shift: float = 0.0):
-    """(official segment_anything Sam, our Sam) with identical tiny random weights.
+def amg_model_pair(seed: int = 0, logit_gain: float = LOGIT_GAIN, iou_shift: float = 0.0, **sizes):
+    """(official segment_anything Sam, our Sam) with identical random weights, tiny unless ``sizes``
+    (``tests.sam_factory`` size names, e.g. ViT-B's) say otherwise.
 
     ``logit_gain`` scales the mask logits (see LOGIT_GAIN; larger gains narrow the band of pixels
     near the threshold, so stability scores rise towards 1); ``iou_shift`` is added to every
@@ -21,13 +22,13 @@ def amg_model_pair(seed: int = 0, logit_gain: float = LOGIT_GAIN, iou_shift: flo
     from sam_core import build_sam
     from tests.sam_factory import make_official_sam, tiny_config
 
-    ref = make_official_sam(seed=seed)
+    ref = make_official_sam(seed=seed, **sizes)
     with torch.no_grad():
         for mlp in ref.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(logit_gain)
             mlp.layers[-1].bias.mul_(logit_gain)
         ref.mask_decoder.iou_prediction_head.layers[-1].bias.add_(iou_shift)
-    ours = build_sam(tiny_config())
+    ours = build_sam(tiny_config(**sizes))
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours.eval()
 
