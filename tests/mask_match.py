@@ -13,11 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.schema import decode_rle
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+from tests.sam_core.amg.amg_parity import mask_iou
 
 
 def assert_masks_match(got: list, expected: list, min_iou: float = 0.98, score_atol: float = 1e-3) -> None:
