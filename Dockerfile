@@ -14,8 +14,9 @@
 # steps are tested without one (tests/jobs/test_dockerfile.py): the base tag and the Ray pin against
 # rayjob.yaml and pyproject.toml; the torch step's shell run for each VARIANT with pip replaced by a
 # recorder; the files the COPY lines take (after .dockerignore) assembled into a directory, built
-# into a wheel whose Requires-Dist and contents are checked, and the project step's own pip
-# command run on it as an offline dry run.
+# into a wheel whose Requires-Dist and contents are checked and whose `python -m jobs.annotate` runs,
+# and the project step's own pip command (less its ray pin, checked against pyproject.toml) run on
+# it as an offline dry run. Pulling the base image and CUDA torch's download are not tested.
 ARG RAY_VERSION=2.60.0
 ARG PYTHON_VERSION=py311
 ARG VARIANT=gpu
