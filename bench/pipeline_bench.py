@@ -2,7 +2,7 @@
 
     python bench/pipeline_bench.py --images 16 --cpus 2
 
-Both sides read the same files, decode them with `pipeline.decode.decode_image`, and run
+Both sides read the same files, decode them with `pipeline.inputs.decode.decode_image`, and run
 `sam_core.AutomaticMaskGenerator.generate_batch` in batches of `--batch-size` with the same model
 and parameters; the bare loop uses all `--cpus` torch threads in one process, the pipeline its
 default actor pool on a local Ray with `--cpus` CPUs (one single-threaded actor per CPU). Both
@@ -71,8 +71,8 @@ def bare_loop(paths: list[str], config, threads: int) -> tuple[dict, dict]:
     """Read, decode and generate in one process; returns (timings, {path: [rle counts]})."""
     import torch
 
-    from pipeline.annotate import make_generator
-    from pipeline.decode import decode_image
+    from pipeline.modes.automatic import make_generator
+    from pipeline.inputs.decode import decode_image
 
     torch.set_num_threads(threads)
     clock = Clock()

@@ -4,7 +4,7 @@
     python bench/prompted_bench.py --model vit_b --images 2 --prompts 64 --points-per-side 16
 
 Runs, on the same random weights and photos:
-1. ours: ``pipeline.prompted.prompted_row`` (encode once per image, prompts decoded in batches
+1. ours: ``pipeline.modes.prompted.prompted_row`` (encode once per image, prompts decoded in batches
    through our ``SamPredictor.predict_torch``);
 2. the reference: segment-anything's ``SamPredictor``, ``set_image`` once per image, then one
    ``predict`` call per prompt (how its README uses it), with the same multimask choice;
@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline import schema  # noqa: E402
-from pipeline.prompted import prompted_row, wants_multimask  # noqa: E402
-from pipeline.prompts import ImagePrompts, Prompt  # noqa: E402
+from pipeline.output import schema  # noqa: E402
+from pipeline.modes.prompted import prompted_row, wants_multimask  # noqa: E402
+from pipeline.modes.prompts import ImagePrompts, Prompt  # noqa: E402
 
 
 # Batched and one-at-a-time decoding round differently; a logit at the threshold may flip a pixel.

@@ -13,7 +13,7 @@ the real job (``pipeline.run.run``, local Ray).
    driver's peak RSS (``VmHWM``) at the first commit and ``--hold-s`` seconds later; then the
    driver is stopped: a 10M-image corpus is not annotated on 2 cores.
 2. **Resume** (``--resume-rows``): an output of that many rows is written through the real
-   writer and committer (``pipeline.sink.write_parts`` and ``Committer``, without Ray), then the
+   writer and committer (``pipeline.output.sink.write_parts`` and ``Committer``, without Ray), then the
    same command is run again: the time until it returns, having found nothing to do, in process
    and as a whole ``python -m jobs.annotate`` command.
 3. **Writer** (``--writer-rows``): ``write_parts`` rows/s and MB/s on local disk for SA-1B-like
@@ -128,12 +128,12 @@ def resume_figures(work: Path, images: list, rows: int) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline import schema
+    from pipeline.output import schema
     from pipeline.config import AnnotateConfig
-    from pipeline.read import unit_uris
+    from pipeline.inputs.read import unit_uris
     from pipeline.run import run
-    from pipeline.sink import LAYOUT, Committer, Output, write_parts
-    from pipeline.units import plan_units
+    from pipeline.output.sink import LAYOUT, Committer, Output, write_parts
+    from pipeline.inputs.units import plan_units
 
     manifest = work / f"resume-{rows}.txt"
     write_manifest(manifest, images, rows)
@@ -185,8 +185,8 @@ def writer_figures(work: Path, rows: int, masks: int, rle_chars: int) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline import schema
-    from pipeline.sink import write_parts
+    from pipeline.output import schema
+    from pipeline.output.sink import write_parts
 
     rng = np.random.default_rng(0)
 

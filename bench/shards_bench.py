@@ -5,8 +5,8 @@
 The same JPEGs (photos from scikit-image, resized and varied, so they compress like photos) are
 stored twice in one bucket: as loose objects listed in a `.txt` manifest, and as WebDataset /
 SA-1B-style tar shards (each image with a `.json` sidecar). Both are read by the job's own read
-stage (``pipeline.read.read_units``: loose objects fetched by its thread pool, a shard streamed
-front to back) and decoded by its decode stage (``pipeline.decode.decode_batch``), in this
+stage (``pipeline.inputs.read.read_units``: loose objects fetched by its thread pool, a shard streamed
+front to back) and decoded by its decode stage (``pipeline.inputs.decode.decode_batch``), in this
 process, one unit after the other, so the figure is the I/O pattern and not Ray. Each layout is
 read ``--repeats`` times, alternating; the best run counts. Decoded pixels are checked equal.
 """
@@ -70,9 +70,9 @@ def read_and_decode(input_uri: str, storage_options: dict) -> tuple:
     """(seconds reading, seconds decoding, images, decoded arrays in order) for one pass over the input."""
     import numpy as np
 
-    from pipeline.decode import decode_batch
-    from pipeline.read import read_units
-    from pipeline.units import plan_units
+    from pipeline.inputs.decode import decode_batch
+    from pipeline.inputs.read import read_units
+    from pipeline.inputs.units import plan_units
 
     planned = plan_units(input_uri, storage_options, set(), unit_size=10**9, limit=None, output=None,
                          run_index=1).units

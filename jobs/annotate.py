@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from jobs.arguments import OneLineErrorParser, json_object
 from pipeline.config import AMG_FIELDS, MODEL_TYPES, MULTIMASK_MODES, AnnotateConfig, ConfigError, option_name
-from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.inputs.decode import DEFAULT_MAX_PIXELS
 from sam_core.amg.presets import PRESET_NAMES, preset_parameters
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"

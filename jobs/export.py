@@ -34,7 +34,7 @@ from jobs.arguments import OneLineErrorParser, json_object
 from pipeline.redact import redact_text, secret_values
 
 DEFAULT_CATEGORY = "object"
-# Extra mask fields written by prompted runs (pipeline/prompted.py); absent or null in AMG runs.
+# Extra mask fields written by prompted runs (pipeline/modes/prompted.py); absent or null in AMG runs.
 PROMPT_FIELDS = ("prompt_index", "prompt_box", "prompt_points", "prompt_point_labels", "prompt_label", "prompt_score")
 SA1B_MASK_FIELDS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
 

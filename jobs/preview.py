@@ -26,10 +26,10 @@ from pycocotools import mask as mask_utils
 
 from jobs.arguments import OneLineErrorParser, json_object
 from jobs.export import image_file_stem, iter_ok_rows, readable_stem
-from pipeline.decode import decode_image
-from pipeline.read import fetch_bytes
+from pipeline.inputs.decode import decode_image
+from pipeline.inputs.read import fetch_bytes
 from pipeline.redact import redact_text, secret_values
-from pipeline.sink import RUN_MANIFEST
+from pipeline.output.sink import RUN_MANIFEST
 
 OVERLAY_ALPHA = 0.5
 PROMPT_COLOR = (255, 255, 255)

@@ -8,7 +8,7 @@ Modules, in the order an image meets them: `config` (AnnotateConfig), `units` (t
 units of work; `sources` lists prefixes), `read`, `decode`, `modes` (automatic or prompted),
 `annotate` (the actor), `schema` (the output contract), `sink` (worker-side writes, driver-side
 commits, the output layout), `run` (the plan).
-`pipeline.AnnotateConfig` is imported on first use, so `import pipeline.schema` stays light.
+`pipeline.AnnotateConfig` is imported on first use, so `import pipeline.output.schema` stays light.
 """
 from importlib import import_module
 

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
-from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.inputs.decode import DEFAULT_MAX_PIXELS
 from sam_core.amg.presets import PRESET_NAMES
-from pipeline.units import DEFAULT_UNIT_SIZE
+from pipeline.inputs.units import DEFAULT_UNIT_SIZE
 from pipeline.redact import redact_mapping
 
 # The AutomaticMaskGenerator parameters a run passes through, by segment-anything's names.
@@ -35,7 +35,7 @@ AMG_FIELDS = (
 )
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
-MULTIMASK_MODES = ("auto", "always", "never")  # prompted mode, see pipeline/prompted.py
+MULTIMASK_MODES = ("auto", "always", "never")  # prompted mode, see pipeline/modes/prompted.py
 
 # Fields that change what a row contains. A resumed run must agree with the output on these,
 # otherwise one output would mix masks made with different settings.

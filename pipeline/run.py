@@ -1,8 +1,8 @@
 """The job: units -> read -> decode (CPU tasks) -> annotate (actor pool) -> write (workers) -> commit.
 
 ``run(config)`` is the whole job and ``build_dataset`` its Ray Data plan. The driver plans the
-units of work (``pipeline.units``), builds the plan, and consumes only the small write results
-the workers return (``pipeline.sink.write_parts``): it commits each unit once all of its items
+units of work (``pipeline.inputs.units``), builds the plan, and consumes only the small write results
+the workers return (``pipeline.output.sink.write_parts``): it commits each unit once all of its items
 are written, and feeds the progress bar. It never holds the input list, the output rows, or the
 set of done images: resume is one listing of the commit records.
 """
@@ -19,16 +19,16 @@ from typing import Callable, List, Optional, Tuple
 
 import pyarrow as pa
 
-from pipeline import units as units_of_work
-from pipeline.annotate import check_model
+from pipeline.inputs import units as units_of_work
+from pipeline.modes.stage import check_model
 from pipeline.config import RESULT_FIELDS, AnnotateConfig
-from pipeline.decode import decode_batch
-from pipeline.modes import AutomaticMode, mode_for
-from pipeline.read import read_units
+from pipeline.inputs.decode import decode_batch
+from pipeline.modes import Mode, mode_for
+from pipeline.inputs.read import read_units
 from pipeline.redact import redact_text
-from pipeline.schema import with_sidecars
-from pipeline.sink import LAYOUT, Committer, Output, write_parts
-from pipeline.units import Unit
+from pipeline.output.schema import with_sidecars
+from pipeline.output.sink import LAYOUT, Committer, Output, write_parts
+from pipeline.inputs.units import Unit
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     return max(1, cpus), gpus_per_actor
 
 
-def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[AutomaticMode] = None,
+def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Mode] = None,
                   stage: Optional[Tuple[type, dict]] = None):
     """The Ray Data plan; lazy until iterated. Its rows are the write results, one per file.
 
@@ -148,7 +148,7 @@ def run(
     `stage` replaces the annotate stage's (actor class, constructor kwargs); None takes the
     mode's. `connect` starts or joins Ray, and is called only when there is work: a rerun of a
     completed output never waits for Ray to start. `on_write` is called with each table of
-    write results (``pipeline.sink.WRITE_RESULT_SCHEMA``) as it reaches the driver.
+    write results (``pipeline.output.sink.WRITE_RESULT_SCHEMA``) as it reaches the driver.
     """
     config.validate()
     started, clock = _now(), time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.schema import decode_rle
+from pipeline.output.schema import decode_rle
 from tests.sam_core.amg.amg_parity import mask_iou
 
 

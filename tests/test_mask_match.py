@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.schema import encode_rle
+from pipeline.output.schema import encode_rle
 from tests.mask_match import assert_masks_match
 
 

@@ -1,7 +1,7 @@
 """A small annotation output on local disk, written as jobs.annotate writes it, for export/preview tests.
 
 Masks are simple known shapes (rectangles, discs) so that tests can compare decoded masks with the
-truth; the Parquet columns follow the output contract (``pipeline/schema.py``).
+truth; the Parquet columns follow the output contract (``pipeline/output/schema.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import schema
+from pipeline.output import schema
 from tests.sam_factory import real_photos
 
 EXIF_ORIENTATION = 0x0112

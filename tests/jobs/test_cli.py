@@ -6,7 +6,7 @@ import pytest
 
 from jobs import annotate as cli
 from pipeline.config import AMG_FIELDS, AnnotateConfig, ConfigError, option_name
-from pipeline.sources import iter_image_uris
+from pipeline.inputs.sources import iter_image_uris
 
 
 def parse(*argv):

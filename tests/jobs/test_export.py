@@ -90,7 +90,7 @@ def test_sa1b_files_are_named_by_key_and_a_repeated_key_never_overwrites(tmp_pat
     """Row 17 of two Parquet shards both have key "17": two files, both kept."""
     import pyarrow.parquet as pq
 
-    from pipeline import schema
+    from pipeline.output import schema
 
     rows = [schema.ok_row(uri, 4, 3, [], None) for uri in ("s3://b/a.parquet#row=17", "s3://b/b.parquet#row=17",
                                                             "tar://sa_1.jpg::s3://b/s.tar", "tar://d/x y.jpg::s3://b/s.tar")]

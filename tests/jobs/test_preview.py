@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from jobs import export, preview
-from pipeline import schema
+from pipeline.output import schema
 from tests.jobs.annotated_output import mask_record, write_annotated_output
 from tests.sam_factory import real_photos
 

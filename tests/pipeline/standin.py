@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.annotate import Annotator
-from pipeline.schema import encode_rle
+from pipeline.modes.automatic import Annotator
+from pipeline.output.schema import encode_rle
 
 
 def fake_records(image: np.ndarray) -> list:

@@ -1,8 +1,8 @@
 """The Annotator actor class, called directly (no Ray): rows for every input, failures isolated."""
 import numpy as np
 
-from pipeline import schema
-from pipeline.annotate import Annotator
+from pipeline.output import schema
+from pipeline.modes.automatic import Annotator
 from pipeline.config import AnnotateConfig
 from tests.mask_match import assert_masks_match
 from tests.pipeline.standin import FakeGenerator, fake_records

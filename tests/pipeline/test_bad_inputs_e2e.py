@@ -11,11 +11,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import units
+from pipeline.inputs import units
 from pipeline.config import AnnotateConfig
-from pipeline.decode import decode_image
+from pipeline.inputs.decode import decode_image
 from pipeline.run import run
-from pipeline.schema import decode_rle
+from pipeline.output.schema import decode_rle
 from tests.mask_match import assert_masks_match
 from tests.pipeline.bad_inputs import BOMB_MAX_PIXELS, corpus, jpeg, photo
 

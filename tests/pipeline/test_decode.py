@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_batch, decode_image
+from pipeline.inputs.decode import DecodeError, decode_batch, decode_image
 from tests.pipeline.bad_inputs import (
     BOMB_MAX_PIXELS,
     animated_gif,

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.config import AnnotateConfig
 from pipeline.run import run
-from pipeline.sink import DATA_FILE
+from pipeline.output.sink import DATA_FILE
 from tests.pipeline.bad_inputs import jpeg, photo
 from tests.pipeline.faulty_stages import BrokenModelAnnotator, CrashingAnnotator
 from tests.pipeline.standin import StandInAnnotator
@@ -371,7 +371,7 @@ def test_shard_write_survives_a_store_that_drops_every_kind_of_call_once():
     import pyarrow as pa
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from pipeline.sink import Output
+    from pipeline.output.sink import Output
 
     store = MemoryFileSystem()  # process-wide: a fresh root per call keeps tests apart
     root = f"memory://fault-test-{os.getpid()}-{time.monotonic_ns()}/out"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import AnnotateConfig
 from pipeline.run import build_dataset, configure_data_context, plan_actor_pool, run
-from pipeline.units import plan_units
+from pipeline.inputs.units import plan_units
 from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint
 
 AMG = dict(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)

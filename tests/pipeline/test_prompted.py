@@ -4,10 +4,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_uris, prompted_row, prompts_per_chunk,
+from pipeline.output import schema
+from pipeline.modes.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_uris, prompted_row, prompts_per_chunk,
                                wants_multimask)
-from pipeline.prompts import (ImagePrompts, Prompt, PromptError, check_prompts_fit, group_prompt_rows,
+from pipeline.modes.prompts import (ImagePrompts, Prompt, PromptError, check_prompts_fit, group_prompt_rows,
                               parse_prompt_row, read_prompts)
 from tests.sam_factory import make_official_sam, real_photos, tiny_config
 
@@ -90,9 +90,9 @@ def test_only_prompted_images_are_read_and_unlisted_prompts_get_one_unit_of_erro
     import json
 
     from pipeline.config import AnnotateConfig
-    from pipeline.prompted import ORPHAN_REASON, orphan_prompts_unit, select_prompted
-    from pipeline.read import read_units
-    from pipeline.units import plan_units
+    from pipeline.modes.prompted import ORPHAN_REASON, orphan_prompts_unit, select_prompted
+    from pipeline.inputs.read import read_units
+    from pipeline.inputs.units import plan_units
 
     table = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"uri": ["s3://b/c.jpg", "s3://b/a.jpg", "s3://b/gone.jpg", "s3://b/d.jpg"],
@@ -120,7 +120,7 @@ def test_only_prompted_images_are_read_and_unlisted_prompts_get_one_unit_of_erro
 def test_multimask_option_reaches_the_prompted_actor():
     from jobs.annotate import build_parser, config_from_args
     from pipeline.modes import mode_for
-    from pipeline.prompted import PromptedAnnotator
+    from pipeline.modes.prompted import PromptedAnnotator
 
     args = build_parser().parse_args(["--input", "i", "--output", "o", "--checkpoint", "c",
                                       "--prompts", "p.parquet", "--multimask", "never"])
@@ -243,7 +243,7 @@ def test_actor_keeps_decode_errors_and_annotates_the_rest():
     from segment_anything import SamPredictor as ReferencePredictor
 
     from pipeline.config import AnnotateConfig
-    from pipeline.prompted import PROMPTS_COLUMN, PromptedAnnotator
+    from pipeline.modes.prompted import PROMPTS_COLUMN, PromptedAnnotator
 
     config = AnnotateConfig(input="in", output="out", checkpoint="unused", prompts="p.parquet").to_dict()
     actor = PromptedAnnotator(config, predictor_factory=lambda _: ReferencePredictor(make_official_sam(seed=1)))

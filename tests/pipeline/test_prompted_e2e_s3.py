@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from jobs import annotate as annotate_cli
 from jobs import export
-from pipeline import schema
+from pipeline.output import schema
 from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint
 
 pytestmark = pytest.mark.s3

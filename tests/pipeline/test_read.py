@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline import read
+from pipeline.inputs import read
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
@@ -43,7 +43,7 @@ def unit_batch(*planned):
 
 
 def test_a_unit_streams_its_items_with_bytes_and_reasons_row_by_row(tmp_path):
-    from pipeline.units import plan_units
+    from pipeline.inputs.units import plan_units
 
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8data")
     manifest = tmp_path / "inputs.txt"
@@ -60,7 +60,7 @@ def test_a_unit_streams_its_items_with_bytes_and_reasons_row_by_row(tmp_path):
 
 
 def test_a_unit_with_no_entry_still_reports_its_end(tmp_path):
-    from pipeline.units import plan_units
+    from pipeline.inputs.units import plan_units
 
     manifest = tmp_path / "inputs.txt"
     manifest.write_text("# only a comment\n\n")

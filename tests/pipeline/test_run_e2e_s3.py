@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.config import AnnotateConfig
-from pipeline.decode import decode_image
+from pipeline.inputs.decode import decode_image
 from pipeline.run import run
 from tests.mask_match import assert_masks_match
 from tests.sam_factory import make_official_sam, real_photos, save_official_checkpoint

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline import schema
+from pipeline.output import schema
 
 
 def blob_mask(height=37, width=53, seed=0):

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import AnnotateConfig
-from pipeline.sink import DATA_FILE
-from pipeline.units import UNIT_ID_PATTERN
+from pipeline.output.sink import DATA_FILE
+from pipeline.inputs.units import UNIT_ID_PATTERN
 from pipeline.redact import (
     MASK,
     RedactingFilter,

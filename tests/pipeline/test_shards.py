@@ -5,8 +5,8 @@ import json
 import fsspec
 import pytest
 
-from pipeline import sources, units
-from pipeline.read import fetch_bytes, parquet_image_items, tar_items, webdataset_key
+from pipeline.inputs import sources, units
+from pipeline.inputs.read import fetch_bytes, parquet_image_items, tar_items, webdataset_key
 from tests.pipeline.shard_corpus import damaged_shard, hf_parquet, sa1b_members, tar_bytes
 
 
@@ -139,7 +139,7 @@ def test_a_named_shard_that_is_not_there_yet_is_left_for_a_later_run(tmp_path):
 
 
 def test_a_limit_over_images_and_shards_takes_n_in_all(tmp_path):
-    from pipeline.sink import Output
+    from pipeline.output.sink import Output
 
     (tmp_path / "in").mkdir()
     for name in ("a.jpg", "b.jpg"):

@@ -9,7 +9,7 @@ import pytest
 
 from jobs import annotate as cli
 from jobs import export, preview
-from pipeline.read import fetch_bytes
+from pipeline.inputs.read import fetch_bytes
 from tests.pipeline.shard_corpus import damaged_shard, hf_parquet, sa1b_annotation, sa1b_members, tar_bytes
 from tests.sam_factory import make_official_sam, save_official_checkpoint
 

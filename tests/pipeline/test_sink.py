@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.sink import DATA_FILE, LAYOUT, Committer, Output, OutputError, write_parts
-from pipeline.units import KIND_TEXT, Unit
+from pipeline.output import schema
+from pipeline.output.sink import DATA_FILE, LAYOUT, Committer, Output, OutputError, write_parts
+from pipeline.inputs.units import KIND_TEXT, Unit
 
 
 def unit(start, stop, source="s3://b/list.txt"):

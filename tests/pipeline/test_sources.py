@@ -3,7 +3,7 @@ import types
 
 import pytest
 
-from pipeline import sources
+from pipeline.inputs import sources
 
 
 @pytest.fixture

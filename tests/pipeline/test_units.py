@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import units
-from pipeline.read import parquet_uris, text_manifest_entries, unit_uris
-from pipeline.sink import Output
-from pipeline.units import InputError, Unit
+from pipeline.inputs import units
+from pipeline.inputs.read import parquet_uris, text_manifest_entries, unit_uris
+from pipeline.output.sink import Output
+from pipeline.inputs.units import InputError, Unit
 
 
 def test_uncovered_and_cut_keep_one_grid_whatever_was_committed():

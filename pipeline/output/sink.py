@@ -42,10 +42,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline.output import schema
 from pipeline.redact import redact_text
 from pipeline.retry import with_retries
-from pipeline.units import LISTING_DIR, UNIT_ID_PATTERN, Unit, listing_name_ok
+from pipeline.inputs.units import LISTING_DIR, UNIT_ID_PATTERN, Unit, listing_name_ok
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.redact import redact_text
-from pipeline.schema import STATUS_SKIP
+from pipeline.output.schema import STATUS_SKIP
 
 # Same as Pillow's own default warning threshold, so users get the limit they already know.
 DEFAULT_MAX_PIXELS = 89_478_485

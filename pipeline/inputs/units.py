@@ -22,10 +22,10 @@ every range left over into units on a fixed grid of ``span`` items (bytes for `t
 - a prefix or glob is listed afresh each run, and only the objects that no earlier snapshot
   holds go into a new snapshot (``new_entries``): late arrivals are picked up, nothing twice;
 - a unit that was planned but never committed is planned again, and the sink removes what it
-  left behind before anything is rewritten (``pipeline.sink.Output.remove_uncommitted``).
+  left behind before anything is rewritten (``pipeline.output.sink.Output.remove_uncommitted``).
 
 The driver holds the planned units and the committed ids: state that grows with units, not with
-images. Manifests are read on the workers (`pipeline.read`), listings are streamed.
+images. Manifests are read on the workers (`pipeline.inputs.read`), listings are streamed.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import sources
+from pipeline.inputs import sources
 from pipeline.redact import redact_text
 
 KIND_TEXT = "txt"
@@ -60,6 +60,10 @@ UNIT_ID_PATTERN = r"(?:txt|pq|ls|po|tar|img)-[0-9a-f]{12}-\d+-(?:\d+|end)"
 _UNIT_ID = re.compile(rf"^(?P<kind>[a-z]+)-(?P<source>[0-9a-f]{{12}})-(?P<start>\d+)-(?P<stop>\d+|end)$")
 
 DEFAULT_UNIT_SIZE = 1024
+
+# The error of a prompted image that --input does not hold (the rows of a KIND_PROMPT_ORPHANS unit).
+ORPHAN_REASON = ("prompts given for an image that is not in --input "
+                 "(URIs must match exactly, scheme included, file:// optional)")
 # Bytes of a text manifest sampled to turn images per unit into bytes per unit.
 TEXT_SAMPLE_BYTES = 64 * 1024
 LISTING_DIR = "_listings"
@@ -185,14 +189,6 @@ class Plan:
     new_listed: int = 0                          # objects in that snapshot
     shards: int = 0                              # tar / Parquet shards in the input
 
-    def iter_input_uris(self, storage_options: dict) -> Iterator[Optional[str]]:
-        """Every item URI of the input, streamed (the staged snapshot is read where it is staged)."""
-        from pipeline.read import unit_uris
-
-        for whole in self.extent:
-            staged = whole.source == self.snapshot_local_path
-            yield from unit_uris(whole, {} if staged else storage_options)
-
     @property
     def known_items(self) -> Optional[int]:
         sizes = [u.size for u in self.units]
@@ -204,7 +200,7 @@ def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], 
                fresh_output: bool = False, image_column: Optional[str] = None) -> Plan:
     """Cut ``input_uri`` into the units that ``committed`` does not cover yet.
 
-    ``output`` is the ``pipeline.sink.Output`` (its earlier listing snapshots are diffed against
+    ``output`` is the ``pipeline.output.sink.Output`` (its earlier listing snapshots are diffed against
     a fresh listing, unless ``fresh_output``: --overwrite); ``run_index`` names a new snapshot.
     Raises ``InputError`` for an input that is missing or holds no image, with a one-line message.
 

@@ -10,7 +10,7 @@ output keeps the table's prompt order, one mask per prompt.
   best predicted IoU; one mask for boxes and multi-click prompts;
 - ``"always"`` / ``"never"``: three (best kept) or one mask for every prompt.
 
-Output rows follow ``pipeline.schema`` exactly, with these nullable fields added to each mask struct
+Output rows follow ``pipeline.output.schema`` exactly, with these nullable fields added to each mask struct
 (``PROMPTED_OUTPUT_SCHEMA``) so that every mask names its source:
 
 | field                 | type                 | notes                                    |
@@ -32,18 +32,22 @@ import math
 import time
 from collections import defaultdict
 from functools import lru_cache
-from typing import Callable, Optional
+import functools
+from typing import Callable, List, Optional, Set, Tuple
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import schema
-from pipeline.config import MULTIMASK_MODES
-from pipeline.decode import text_or_none
-from pipeline.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
-from pipeline.redact import redact_text
+from pipeline.config import MULTIMASK_MODES, AnnotateConfig
+from pipeline.inputs.read import ItemSelector, plan_input_uris
+from pipeline.inputs.units import KIND_PROMPT_ORPHANS, ORPHAN_REASON, Plan, Unit, committed_ranges, source_hash
+from pipeline.modes.base import Mode
+from pipeline.modes.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
+from pipeline.modes.stage import (CONSUMED_COLUMNS, answered_row, failure_reason, image_sha256, load_model,
+                                  pick_device, timings, with_passthrough)
+from pipeline.output import schema
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 from sam_core.amg.rle import masks_to_rle_arrays, rle_to_coco
 
@@ -193,9 +197,6 @@ def same_image_key(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-ORPHAN_REASON = ("prompts given for an image that is not in --input "
-                 "(URIs must match exactly, scheme included, file:// optional)")
-
 
 def missing_image_uris(prompted_uris, listed_uris) -> list[str]:
     """The prompted URIs that ``listed_uris`` (streamed, any length) does not hold (see ``same_image_key``)."""
@@ -242,26 +243,44 @@ def orphan_prompts_unit(config, plan, committed: set):
     limit, and an error row would stop a later full run from annotating it), and once such a unit
     is committed: its error rows are final, as error rows are.
     """
-    from pipeline.units import KIND_PROMPT_ORPHANS, Unit, committed_ranges, source_hash
-
     if config.limit is not None or plan.shards:  # (finding a shard's images means reading it whole)
         return None
     fs, path = fsspec.core.url_to_fs(config.prompts, **(config.storage_options or {}))
     key = fs.unstrip_protocol(path)
     if (KIND_PROMPT_ORPHANS, source_hash(key)) in committed_ranges(committed):
         return None
-    missing = missing_image_uris(load_prompts(config), plan.iter_input_uris(config.storage_options or {}))
+    missing = missing_image_uris(load_prompts(config), plan_input_uris(plan, config.storage_options or {}))
     if not missing:
         return None
     return Unit(KIND_PROMPT_ORPHANS, config.prompts, key, 0, len(missing), len(missing), tuple(missing))
 
 
-def annotate_stage(config) -> tuple[type, dict]:
-    """The prompted annotate stage for ``pipeline.run``: (actor class, constructor kwargs).
+class PromptedMode(Mode):
+    """Masks from the boxes and points of a prompts table (the Grounded-SAM recipe)."""
 
-    ``config.multimask`` (``--multimask``: "auto", "always", "never") picks the multimask choice.
-    """
-    return PromptedAnnotator, {"config": config.to_dict(), "multimask": config.multimask}
+    name = "prompted"
+    row_schema = PROMPTED_OUTPUT_SCHEMA
+
+    def __init__(self):
+        # Prompted images that already have their "not in --input" error row (final, as error
+        # rows are): should one turn up in the input later, it gets no second row.
+        self.answered: Tuple[str, ...] = ()
+
+    def prepare(self, config: AnnotateConfig) -> None:
+        load_prompts(config)  # a missing table, or one without a uri column, stops the run here
+
+    def selector(self, config: AnnotateConfig) -> Optional[ItemSelector]:
+        return functools.partial(select_prompted, config.prompts,
+                                 json.dumps(config.storage_options or {}, sort_keys=True), frozenset(self.answered))
+
+    def stage(self, config: AnnotateConfig) -> Tuple[type, dict]:
+        """``config.multimask`` (``--multimask``: "auto", "always", "never") picks the multimask choice."""
+        return PromptedAnnotator, {"config": config.to_dict(), "multimask": config.multimask}
+
+    def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str], output) -> List[Unit]:
+        self.answered = tuple(output.uris_of_units(KIND_PROMPT_ORPHANS, committed))
+        unit = orphan_prompts_unit(config, plan, committed)
+        return [] if unit is None else [unit]
 
 
 class PromptedAnnotator:
@@ -274,9 +293,6 @@ class PromptedAnnotator:
     """
 
     def __init__(self, config: dict, multimask: str = "auto", predictor_factory: Optional[Callable] = None):
-        from pipeline.annotate import load_model, pick_device
-        from pipeline.config import AnnotateConfig
-
         if multimask not in MULTIMASK_MODES:
             raise ValueError(f"multimask must be one of {MULTIMASK_MODES}, got {multimask!r}")
         self.config = AnnotateConfig.from_dict(config)
@@ -289,28 +305,22 @@ class PromptedAnnotator:
             self.predictor = predictor_factory(self.config)
 
     def __call__(self, batch: dict) -> pa.Table:
-        from pipeline.annotate import CONSUMED_COLUMNS, with_passthrough
-
         table = schema.rows_to_table([self._row(batch, i) for i in range(len(batch["uri"]))],
                                      PROMPTED_OUTPUT_SCHEMA)
         return with_passthrough(table, batch, CONSUMED_COLUMNS | {PROMPTS_COLUMN})
 
     def _row(self, batch: dict, i: int) -> dict:
-        uri, sha = str(batch["uri"][i]), text_or_none(batch["image_sha256"][i])
-        timings = {name: batch[name][i] for name in ("read_s", "decode_s") if name in batch}
-        if batch["status"][i] == schema.STATUS_SKIP:
-            return schema.skip_row(uri)
-        if batch["status"][i] != schema.STATUS_OK:
-            reason = text_or_none(batch["error"][i]) or "decode failed"
-            return schema.error_row(uri, reason, image_sha256=sha, timings=timings)
+        uri, sha = str(batch["uri"][i]), image_sha256(batch, i)
+        answered = answered_row(batch, i, uri)
+        if answered is not None:
+            return answered
         start = time.perf_counter()
         image = batch["image"][i]
         try:
             row = prompted_row(self.predictor, uri, image, ImagePrompts.from_json(uri, batch[PROMPTS_COLUMN][i]),
-                               sha, timings, self.config.points_per_batch, self.multimask,
+                               sha, timings(batch, i), self.config.points_per_batch, self.multimask,
                                self.config.stability_score_offset)
         except Exception as exc:  # one image's failure must not cost the others their rows
-            reason = redact_text(f"annotation failed: {type(exc).__name__}: {exc}")
-            row = schema.error_row(uri, reason, image.shape[1], image.shape[0], sha, timings)
+            row = schema.error_row(uri, failure_reason(exc), image.shape[1], image.shape[0], sha, timings(batch, i))
         row["annotate_s"] = time.perf_counter() - start
         return row

@@ -1,7 +1,7 @@
 """Read stage: a unit of work -> its items, each with the image's bytes or why they are missing.
 
 Runs on CPU workers via ``Dataset.map_batches(read_units, batch_format="numpy")``: each call gets
-unit rows (``pipeline.units.Unit.to_row``) and yields blocks of item rows as it reads, so a
+unit rows (``pipeline.inputs.units.Unit.to_row``) and yields blocks of item rows as it reads, so a
 unit's images stream on without the whole unit in memory. Manifests and shards are read here,
 on the workers, never on the driver:
 - a ``txt`` unit reads only its byte range of the manifest, a ``pq``/``ls`` unit only its rows,
@@ -11,7 +11,7 @@ on the workers, never on the driver:
 - an ``img`` unit reads a Parquet file of image bytes a row group at a time.
 
 One bad object (deleted since listing, no permission, a broken tar member) never fails the
-batch: it becomes a ``read_error`` that ``pipeline.decode.decode_batch`` turns into the row's
+batch: it becomes a ``read_error`` that ``pipeline.inputs.decode.decode_batch`` turns into the row's
 error. A shard that breaks off gives the rows read before the damage and one error row saying
 where. Transient store errors are retried with exponential backoff (``pipeline.retry``, on top
 of s3fs's own retries); a missing object is not.
@@ -32,10 +32,10 @@ import pyarrow.parquet as pq
 
 from pipeline.redact import redact_text
 from pipeline.retry import RetriesExhausted, with_retries
-from pipeline.schema import SIDECAR_PREFIX
-from pipeline.sources import is_image_name
-from pipeline.units import (KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS, KIND_TAR,
-                            KIND_TEXT, Unit, find_image_column, is_manifest_entry)
+from pipeline.output.schema import SIDECAR_PREFIX
+from pipeline.inputs.sources import is_image_name
+from pipeline.inputs.units import (KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS, KIND_TAR,
+                                   KIND_TEXT, ORPHAN_REASON, Plan, Unit, find_image_column, is_manifest_entry)
 
 RETRIES = 3
 FIRST_BACKOFF_S = 0.5
@@ -86,11 +86,16 @@ def unit_items(unit: Unit, storage_options: dict, *, sidecars: Sequence[str] = (
     elif unit.kind == KIND_PARQUET_IMAGES:
         yield from parquet_image_items(unit.source, unit.start, unit.stop, storage_options, image_column, id_column)
     elif unit.kind == KIND_PROMPT_ORPHANS:
-        from pipeline.prompted import ORPHAN_REASON
-
         yield from (Item(uri, error=ORPHAN_REASON) for uri in unit.entries)
     else:
         yield from (Item(uri) for uri in unit_uris(unit, storage_options))
+
+
+def plan_input_uris(plan: Plan, storage_options: dict) -> Iterator[Optional[str]]:
+    """Every item URI of the planned input, streamed (the staged snapshot is read where it is staged)."""
+    for whole in plan.extent:
+        staged = whole.source == plan.snapshot_local_path
+        yield from unit_uris(whole, {} if staged else storage_options)
 
 
 def unit_uris(unit: Unit, storage_options: dict) -> Iterator[Optional[str]]:

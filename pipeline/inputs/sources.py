@@ -4,7 +4,7 @@
 recursively, a glob (`*`, `?`, `[`) whose matches are walked recursively if they are
 directories, or WebDataset brace notation (`s3://b/sa_{000000..000999}.tar`), which names files
 without listing anything. (Manifests, `.txt` or `.parquet`, are cut into units in
-`pipeline.units` and read on the workers; they are not listed here.)
+`pipeline.inputs.units` and read on the workers; they are not listed here.)
 
 Walked inputs keep image files, tar shards and Parquet files (image bytes), chosen by extension
 case-insensitively. URIs keep the scheme of `--input` (`s3://bucket/a.jpg`); local inputs
@@ -13,7 +13,7 @@ without a scheme are absolute paths.
 The listing is a generator: one directory's entries are held at a time, never the whole
 corpus. Its order is ``listing_key`` (path components compared one by one), the order in which a
 sorted depth-first walk meets the files, so a listing is always the same sequence and two
-listings can be compared in one streaming pass (`pipeline.units.new_entries`).
+listings can be compared in one streaming pass (`pipeline.inputs.units.new_entries`).
 """
 from __future__ import annotations
 
