@@ -82,7 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--prompts", help="Parquet of boxes/points per uri: prompted mode instead of automatic masks "
                     "(default: automatic masks)")
     io.add_argument("--multimask", choices=MULTIMASK_MODES, default="auto",
-                    help="with --prompts: auto = one mask for boxes, best of 3 for a single click (default auto)")
+                    help="with --prompts or --text: auto = one mask for boxes, best of 3 for a single click (default auto)")
+    text = parser.add_argument_group("text mode (Grounded SAM: boxes from a zero-shot detector, then SAM)")
+    text.add_argument("--text", help='classes to find, dot-separated, e.g. "car. person. dog."; needs --detector '
+                      "(default: off, automatic masks)")
+    text.add_argument("--detector", help="Hugging Face zero-shot object detection directory (Grounding DINO, OWLv2, "
+                      "OWL-ViT; path or URL) saved with save_pretrained, safetensors weights")
+    text.add_argument("--box-threshold", type=float, default=defaults.box_threshold,
+                      help=f"minimum detector box score (default {defaults.box_threshold:g})")
+    text.add_argument("--text-threshold", type=float, default=defaults.text_threshold,
+                      help="Grounding DINO: minimum score of a prompt word for it to label a box "
+                      f"(default {defaults.text_threshold:g})")
+    text.add_argument("--label-nms", type=float, metavar="IOU",
+                      help="drop a box whose IoU with a better box of the same class exceeds IOU (default: off)")
     demo_amg = ", ".join(f"{option_name(name)} {value:g}" for name, value in DEMO_AMG.items())
     io.add_argument("--demo", action="store_true", help="annotate the bundled sample photos with a random-weight "
                     f"model and, unless given, {demo_amg} (default: off, on when no argument is given)")

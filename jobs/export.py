@@ -9,9 +9,10 @@ are counted and reported.
 
 COCO: one JSON with ``images`` (``file_name`` is the source URI), ``annotations`` (compressed RLE
 ``segmentation``, ``area``, ``bbox`` XYWH, ``score`` = predicted IoU, ``iscrowd`` 0) and
-``categories``. Every mask is category ``"object"`` unless the run was prompted with labels, in which
-case each distinct ``prompt_label`` becomes a category. Prompt metadata (``prompt_*`` fields) is
-carried into both formats when present.
+``categories``. Every mask is category ``"object"`` unless it has a class: its ``label`` in a text-mode
+run (``--text``), its ``prompt_label`` in a prompted run; each distinct one becomes a category.
+Prompt and detector metadata (``prompt_*``, ``label``, ``detector_*`` fields) is carried into both
+formats when present.
 
 SA-1B: one JSON per image, ``{"image": {...}, "annotations": [...]}`` as in Meta's SA-1B release,
 named ``<sha256(uri)[:20]>.json`` so that object names never come from user-controlled paths.
@@ -34,8 +35,10 @@ from jobs.arguments import OneLineErrorParser, json_object
 from pipeline.redact import redact_text, secret_values
 
 DEFAULT_CATEGORY = "object"
-# Extra mask fields written by prompted runs (pipeline/modes/prompted.py); absent or null in AMG runs.
-PROMPT_FIELDS = ("prompt_index", "prompt_box", "prompt_points", "prompt_point_labels", "prompt_label", "prompt_score")
+# Extra mask fields written by prompted runs (pipeline/modes/prompted.py) and text runs
+# (pipeline/modes/text.py); absent or null in AMG runs.
+PROMPT_FIELDS = ("prompt_index", "prompt_box", "prompt_points", "prompt_point_labels", "prompt_label", "prompt_score",
+                 "label", "detector_score", "detector_phrase")
 SA1B_MASK_FIELDS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
 
 
@@ -155,7 +158,7 @@ def write_coco(input_uri: str, output_uri: str, storage_options: dict | None = N
         annotation_id = 0
         for image_id, row in enumerate(iter_ok_rows(input_uri, storage_options, counts), start=1):
             for mask in row.get("masks") or []:
-                label = mask.get("prompt_label") or DEFAULT_CATEGORY
+                label = mask.get("label") or mask.get("prompt_label") or DEFAULT_CATEGORY
                 category_id = counts.categories.setdefault(label, len(counts.categories) + 1)
                 annotation_id += 1
                 annotation = _coco_annotation(mask, annotation_id, image_id, category_id)

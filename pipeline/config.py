@@ -36,11 +36,13 @@ AMG_FIELDS = (
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 MULTIMASK_MODES = ("auto", "always", "never")  # prompted mode, see pipeline/modes/prompted.py
+# Text mode (pipeline/modes/text.py): the prompt, the detector and how its boxes are kept.
+TEXT_FIELDS = ("text", "detector", "box_threshold", "text_threshold", "label_nms")
 
 # Fields that change what a row contains. A resumed run must agree with the output on these,
 # otherwise one output would mix masks made with different settings.
 RESULT_FIELDS = ("checkpoint", "model_type", "fast", *AMG_FIELDS, "max_pixels", "prompts", "multimask",
-                 "image_column", "id_column", "sidecars")
+                 "image_column", "id_column", "sidecars", *TEXT_FIELDS)
 
 
 @dataclass
@@ -97,6 +99,13 @@ class AnnotateConfig:
     sidecars: List[str] = field(default_factory=list)
     prompts: Optional[str] = None
     multimask: str = "auto"  # prompted mode: "auto" (as segment-anything advises), "always", "never"
+    # Text mode: boxes from a zero-shot detector (Hugging Face directory) for the classes of `text`
+    # ("car. person."), the Grounded-SAM thresholds, and an optional per-label NMS IoU threshold.
+    text: Optional[str] = None
+    detector: Optional[str] = None
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    label_nms: Optional[float] = None
     demo: bool = False
 
     def validate(self) -> "AnnotateConfig":
@@ -184,6 +193,9 @@ _RANGES = (
     _Range("gpus_per_actor", False, 0, 1, none_allowed=True, why=" (an actor runs its model on one GPU)"),
     _Range("limit", True, 1, none_allowed=True),
     _Range("max_pixels", True, 1),
+    _Range("box_threshold", False, 0, 1),
+    _Range("text_threshold", False, 0, 1),
+    _Range("label_nms", False, 0, 1, none_allowed=True),
 )
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -219,9 +231,28 @@ def _problems(config: AnnotateConfig) -> List[str]:
         problems.append("--checkpoint-sha256 must be 64 hexadecimal digits")
     if not isinstance(config.storage_options, dict):
         problems.append(f"--storage-options must be a JSON object, got a {type(config.storage_options).__name__}")
+    problems += _text_mode_problems(config)
     bad_sidecars = [ext for ext in config.sidecars or () if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", str(ext))]
     if bad_sidecars:  # each becomes a column name, sidecar_<ext>
         problems.append(f"--sidecar must be a member extension such as json or cls, got {bad_sidecars[0]!r}")
+    return problems
+
+
+def _text_mode_problems(config: AnnotateConfig) -> List[str]:
+    """--text and --detector come together, without --prompts, and the text names classes."""
+    if config.text is None and config.detector is None:
+        return []
+    if config.text is None or not config.detector:
+        return ["--text and --detector must be given together (text mode)"]
+    problems = []
+    if config.prompts:
+        problems.append("--text and --prompts cannot be combined: boxes come from the detector or from the table")
+    from sam_core.detector import DetectorError, parse_text_prompt  # torch, but not transformers
+
+    try:
+        parse_text_prompt(config.text)
+    except DetectorError as exc:
+        problems.append(f"--text {exc}")
     return problems
 
 

@@ -122,6 +122,28 @@ def parse_text_prompt(text: str) -> list[str]:
     return classes
 
 
+def class_for_phrase(phrase: str, classes: list[str]) -> Optional[str]:
+    """The class of ``classes`` that a detector's label names, or None when it names none.
+
+    OWL labels are class names already. Grounding DINO labels are the prompt words whose scores
+    passed ``text_threshold``, so a box can be labelled with a fragment (``"traffic"`` for
+    ``"traffic light"``), with two classes run together (``"car person"``) or with nothing.
+    In that order of preference: the class itself; the class that starts earliest in the phrase
+    (the longer one on a tie); the first class the phrase is part of; otherwise None.
+    """
+    words = [w for w in phrase.lower().replace(".", " ").split() if not (w.startswith("[") and w.endswith("]"))]
+    text = " ".join(words)
+    if not text:
+        return None
+    if text in classes:
+        return text
+    padded = f" {text} "
+    starts = [(padded.find(f" {name} "), -len(name), name) for name in classes if f" {name} " in padded]
+    if starts:
+        return min(starts)[2]
+    return next((name for name in classes if f" {text} " in f" {name} "), None)
+
+
 def check_detector(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> str:
     """Check, without loading anything, that ``uri`` is a usable detector directory; return its model_type.
 
@@ -142,18 +164,24 @@ def per_label_nms(detections: Detections, iou_threshold: float) -> Detections:
     higher-scored box of the same label exceeds ``iou_threshold``. The result is sorted by score,
     descending (equal scores keep their input order).
     """
+    return detections.select(per_label_nms_indices(detections, iou_threshold))
+
+
+def per_label_nms_indices(detections: Detections, iou_threshold: float, labels=None) -> np.ndarray:
+    """The indices ``per_label_nms`` keeps, in its order; ``labels`` (one per detection) replace
+    ``detections.labels`` as the groups, e.g. the classes the phrases name."""
     if len(detections) == 0:
-        return Detections.empty()
+        return np.zeros(0, np.int64)
     boxes = torch.from_numpy(np.asarray(detections.boxes_xyxy, dtype=np.float64))
     scores = torch.from_numpy(np.asarray(detections.scores, dtype=np.float64))
-    labels = np.asarray(detections.labels, dtype=object)
+    groups = list(detections.labels if labels is None else labels)
+    group_of = np.asarray(groups, dtype=object)
     kept = []
-    for label in dict.fromkeys(detections.labels):  # unique labels, first-seen order
-        members = np.flatnonzero(labels == label)
+    for label in dict.fromkeys(groups):  # unique labels, first-seen order
+        members = np.flatnonzero(group_of == label)
         kept.append(members[box_nms(boxes[members], scores[members], iou_threshold).numpy()])
     kept = np.concatenate(kept)
-    kept = kept[np.argsort(-detections.scores[kept], kind="stable")]
-    return detections.select(kept)
+    return kept[np.argsort(-detections.scores[kept], kind="stable")]
 
 
 class ZeroShotDetector:
@@ -240,6 +268,8 @@ class ZeroShotDetector:
             text = grounding_dino_text(classes)
         else:
             text = classes  # OWL: one query per class
+        if not image.flags.writeable:  # Ray's arrays are read-only; torch.from_numpy would warn on each
+            image = image.copy()
         features = self.processor(images=image, text=text, return_tensors="pt")
         if self.family == "grounding-dino":
             max_len = getattr(self.model.config, "max_text_len", None)

@@ -142,3 +142,33 @@ def grounding_dino_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def owlv2_dir(tmp_path_factory) -> Path:
     return make_owlv2_dir(tmp_path_factory.mktemp("owlv2"))
+
+
+def transformers_one_by_one(model_dir, model_type, images, classes, box_threshold, text_threshold):
+    """transformers' own path, one image at a time: processor -> model -> post-processing.
+
+    The oracle for ``sam_core.detector``: per image, (boxes (N, 4), scores (N,), text labels).
+    """
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(model_dir, use_safetensors=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    results = []
+    for image in images:
+        if model_type == "grounding-dino":
+            inputs = processor(images=image, text=". ".join(classes) + ".", return_tensors="pt")
+            with torch.no_grad():
+                outputs = model(**inputs)
+            result = processor.post_process_grounded_object_detection(
+                outputs, inputs.input_ids, threshold=box_threshold, text_threshold=text_threshold,
+                target_sizes=[image.shape[:2]],
+            )[0]
+        else:
+            inputs = processor(images=image, text=[classes], return_tensors="pt")
+            with torch.no_grad():
+                outputs = model(**inputs)
+            result = processor.post_process_grounded_object_detection(
+                outputs, threshold=box_threshold, target_sizes=[image.shape[:2]], text_labels=[classes]
+            )[0]
+        results.append((result["boxes"].numpy(), result["scores"].numpy(), list(result["text_labels"])))
+    return results

@@ -28,7 +28,7 @@ from sam_core.detector import (
     parse_text_prompt,
     per_label_nms,
 )
-from tests.detector_factory import grounding_dino_dir, owlv2_dir, random_images  # noqa: F401 (fixtures)
+from tests.detector_factory import grounding_dino_dir, owlv2_dir, random_images, transformers_one_by_one  # noqa: F401
 
 CLASSES = ["car", "person", "dog"]
 # Five originals, four processed shapes for Grounding DINO (64x96 and 128x192 both become 64x96),
@@ -169,33 +169,6 @@ def test_missing_transformers_names_the_extra(monkeypatch, grounding_dino_dir):
 # ----------------------------------------------------------------------------- detection parity
 
 
-def _transformers_one_by_one(model_dir, model_type, images, classes, box_threshold, text_threshold):
-    """transformers' own path, one image at a time: processor -> model -> post-processing."""
-    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(model_dir, use_safetensors=True).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    results = []
-    for image in images:
-        if model_type == "grounding-dino":
-            inputs = processor(images=image, text=". ".join(classes) + ".", return_tensors="pt")
-            with torch.no_grad():
-                outputs = model(**inputs)
-            result = processor.post_process_grounded_object_detection(
-                outputs, inputs.input_ids, threshold=box_threshold, text_threshold=text_threshold,
-                target_sizes=[image.shape[:2]],
-            )[0]
-        else:
-            inputs = processor(images=image, text=[classes], return_tensors="pt")
-            with torch.no_grad():
-                outputs = model(**inputs)
-            result = processor.post_process_grounded_object_detection(
-                outputs, threshold=box_threshold, target_sizes=[image.shape[:2]], text_labels=[classes]
-            )[0]
-        results.append((result["boxes"].numpy(), result["scores"].numpy(), list(result["text_labels"])))
-    return results
-
-
 def _count_forwards(detector: ZeroShotDetector) -> list[int]:
     """Batch sizes of the model forwards the detector makes from now on."""
     calls: list[int] = []
@@ -211,7 +184,7 @@ def _count_forwards(detector: ZeroShotDetector) -> list[int]:
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("family", ["grounding-dino", "owlv2"])
-def test_batched_detect_equals_transformers_one_by_one(family, grounding_dino_dir, owlv2_dir):
+def test_batched_detect_equalstransformers_one_by_one(family, grounding_dino_dir, owlv2_dir):
     model_dir = str(grounding_dino_dir if family == "grounding-dino" else owlv2_dir)
     images = random_images(SIZES, seed=1)
     detector = ZeroShotDetector.load(model_dir)
@@ -222,7 +195,7 @@ def test_batched_detect_equals_transformers_one_by_one(family, grounding_dino_di
     # shared by two images), OWLv2 makes every image one square.
     assert sorted(forwards) == ([1, 1, 1, 2] if family == "grounding-dino" else [len(images)])
 
-    reference = _transformers_one_by_one(model_dir, family, images, CLASSES, BOX_THRESHOLD, TEXT_THRESHOLD)
+    reference = transformers_one_by_one(model_dir, family, images, CLASSES, BOX_THRESHOLD, TEXT_THRESHOLD)
     assert len(ours) == len(images)
     total_kept = 0
     for got, (boxes, scores, labels) in zip(ours, reference):
