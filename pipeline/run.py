@@ -165,7 +165,6 @@ def run(
             config.input, config.storage_options, committed, unit_size=config.unit_size, limit=config.limit,
             output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite,
             image_column=config.image_column)
-        plan.units += mode.extra_units(config, plan, committed, output)
         # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
         # or touches an existing output.
         checkpoint_sha256 = check_model(config) if plan.units and stage is None else None
@@ -173,6 +172,13 @@ def run(
             output.clear()
         elif plan.units:
             output.remove_uncommitted(committed)
+        # After the clean-up, since a mode may write files of its own (prompted mode: its table
+        # sorted by image).
+        extra = mode.extra_units(config, plan, committed, output)
+        if extra and not plan.units:  # only the mode's own units are left to do
+            checkpoint_sha256 = check_model(config) if stage is None else None
+            output.remove_uncommitted(committed)
+        plan.units += extra
         summary = RunSummary(config.output, run_index, len(plan.units), len(committed))
         manifest = _manifest(config, summary, started, checkpoint_sha256=checkpoint_sha256, status="running")
         if plan.units:

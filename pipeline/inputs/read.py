@@ -42,9 +42,10 @@ FIRST_BACKOFF_S = 0.5
 ITEMS_PER_BLOCK = 16
 READ_THREADS = 8
 
-# Per item, what the read stage needs from a mode (prompted mode: whether the image has prompts,
-# and the prompts to carry); None keeps every item and carries nothing.
-ItemSelector = Callable[[str], Tuple[bool, dict]]
+# Per block of item URIs, what the read stage needs from a mode: for each, whether it gets a row and
+# the columns to carry (prompted mode: whether the image has prompts, and its prompts). One call a
+# block, so that a mode can look a block up at once. None keeps every item and carries nothing.
+ItemSelector = Callable[[List[str]], List[Tuple[bool, dict]]]
 
 
 class Item(NamedTuple):
@@ -74,8 +75,10 @@ def read_units(batch: dict, *, storage_options: Optional[dict] = None, select: O
         for row in _rows(batch):
             unit = Unit.from_row(row)
             items = unit_items(unit, options, sidecars=sidecars, image_column=image_column, id_column=id_column)
+            # A unit of the mode's own error rows (po) is not the input: every item of it gets its row.
+            unit_select = None if unit.kind == KIND_PROMPT_ORPHANS else select
             for chunk in _chunks(_numbered(items), items_per_block):
-                yield _read_block(unit, chunk, options, select, sidecars, pool)
+                yield _read_block(unit, chunk, options, unit_select, sidecars, pool)
 
 
 def unit_items(unit: Unit, storage_options: dict, *, sidecars: Sequence[str] = (),
@@ -86,7 +89,7 @@ def unit_items(unit: Unit, storage_options: dict, *, sidecars: Sequence[str] = (
     elif unit.kind == KIND_PARQUET_IMAGES:
         yield from parquet_image_items(unit.source, unit.start, unit.stop, storage_options, image_column, id_column)
     elif unit.kind == KIND_PROMPT_ORPHANS:
-        yield from (Item(uri, error=ORPHAN_REASON) for uri in unit.entries)
+        yield from (Item(uri, error=ORPHAN_REASON) for uri in unit_uris(unit, storage_options))
     else:
         yield from (Item(uri) for uri in unit_uris(unit, storage_options))
 
@@ -99,14 +102,11 @@ def plan_input_uris(plan: Plan, storage_options: dict) -> Iterator[Optional[str]
 
 
 def unit_uris(unit: Unit, storage_options: dict) -> Iterator[Optional[str]]:
-    """The item URIs of a manifest or listing unit, in order; None for an entry that names no object."""
-    if unit.kind == KIND_PROMPT_ORPHANS:
-        yield from unit.entries
-        return
+    """The item URIs of a manifest, listing or orphans unit, in order; None for an entry that names no object."""
     fs, path = fsspec.core.url_to_fs(unit.source, **storage_options)
     if unit.kind == KIND_TEXT:
         yield from text_manifest_entries(fs, path, unit.start, unit.stop)
-    elif unit.kind in (KIND_PARQUET, KIND_LISTING):
+    elif unit.kind in (KIND_PARQUET, KIND_LISTING, KIND_PROMPT_ORPHANS):
         yield from parquet_uris(fs, path, unit.start, unit.stop)
     else:
         raise ValueError(f"a {unit.kind!r} unit has no URI list")
@@ -328,8 +328,10 @@ def _read_block(unit: Unit, chunk: List[Tuple[int, Item, bool]], storage_options
                                                dtype=object)
     if select is not None:
         extra: dict = {}
-        for i, (_, item, _) in enumerate(chunk):
-            keep, columns = select(item.uri) if item.uri is not None else (False, {})
+        named = [i for i, (_, item, _) in enumerate(chunk) if item.uri is not None]
+        chosen = dict(zip(named, select([chunk[i][1].uri for i in named]))) if named else {}
+        for i in range(n):
+            keep, columns = chosen.get(i, (False, {}))
             block["skip"][i] |= not keep
             for name, value in columns.items():
                 extra.setdefault(name, np.full(n, "", dtype=object))[i] = value

@@ -13,6 +13,7 @@ done. Its id comes from our naming only, never from an input name:
 | ls   | a listing snapshot we wrote, `_listings/<run>.parquet`  | rows [start, stop)                       |
 | tar  | a tar shard (WebDataset, SA-1B): one image member an item | image members [start, end)             |
 | img  | a Parquet file of image bytes (HF datasets `image` column) | rows [start, end)                      |
+| po   | prompted images --input lacks, `_prompts/<version>/orphans/part-N.parquet` | rows [start, stop)      |
 
 Planning (``plan_units``) covers what the committed units do not: for each source it takes the
 committed ranges from the unit ids alone (one listing of `_commits/`, no object read), and cuts
@@ -82,7 +83,6 @@ class Unit:
     ``source_key`` the stable identity its id is derived from: the canonical URI of a manifest,
     or ``listing:<name>`` for a snapshot (so an output that moves keeps its ids).
     ``size`` is the number of items where planning knows it exactly (rows), else None.
-    ``entries`` are the item URIs of a unit that carries them itself (``po``).
     """
 
     kind: str
@@ -91,7 +91,6 @@ class Unit:
     start: int
     stop: int
     size: Optional[int] = None
-    entries: Tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -99,15 +98,13 @@ class Unit:
 
     def to_row(self) -> dict:
         """The unit as one row of the plan's input Dataset."""
-        return {"unit": self.id, **asdict(self), "size": -1 if self.size is None else self.size,
-                "entries": list(self.entries)}
+        return {"unit": self.id, **asdict(self), "size": -1 if self.size is None else self.size}
 
     @classmethod
     def from_row(cls, row: dict) -> "Unit":
         size = int(row["size"])
         return cls(kind=str(row["kind"]), source=str(row["source"]), source_key=str(row["source_key"]),
-                   start=int(row["start"]), stop=int(row["stop"]), size=None if size < 0 else size,
-                   entries=tuple(str(e) for e in row["entries"]))
+                   start=int(row["start"]), stop=int(row["stop"]), size=None if size < 0 else size)
 
 
 def source_hash(source_key: str) -> str:

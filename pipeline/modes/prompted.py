@@ -27,29 +27,35 @@ image, ``stability_score`` the same score AMG computes, on this mask's logits.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
+import posixpath
 import time
 from collections import defaultdict
-from functools import lru_cache
-import functools
 from typing import Callable, List, Optional, Set, Tuple
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline.config import MULTIMASK_MODES, AnnotateConfig
 from pipeline.inputs.read import ItemSelector, plan_input_uris
-from pipeline.inputs.units import KIND_PROMPT_ORPHANS, ORPHAN_REASON, Plan, Unit, committed_ranges, source_hash
+from pipeline.inputs.units import KIND_PROMPT_ORPHANS, Plan, Unit, committed_ranges, units_of_source
 from pipeline.modes.base import Mode
-from pipeline.modes.prompts import ImagePrompts, Prompt, check_prompts_fit, read_prompts
+from pipeline.modes.prompt_index import (PROMPTS_DIR, SortedTable, build_orphans, build_sorted_prompts, fingerprint,
+                                         image_key, open_sorted_table, prompt_table_files, table_exists,
+                                         table_schema)
+from pipeline.modes.prompts import TABLE_ROW, ImagePrompts, Prompt, add_prompt_row, check_prompts_fit
 from pipeline.modes.stage import (CONSUMED_COLUMNS, answered_row, failure_reason, image_sha256, load_model,
                                   pick_device, timings, with_passthrough)
 from pipeline.output import schema
+from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 from sam_core.amg.rle import masks_to_rle_arrays, rle_to_coco
+
+log = logging.getLogger(__name__)
 
 PROMPTS_COLUMN = "prompts_json"  # carried from the listing to the annotator next to each uri
 # predict_torch upsamples every proposed mask to the full image: bound that tensor (1 GiB of fp32).
@@ -192,95 +198,87 @@ def prompted_row(predictor, uri: str, image: np.ndarray, image_prompts: ImagePro
     return row
 
 
-def same_image_key(uri: str) -> str:
-    """What two URIs of one image share: the URI itself, except that ``file://`` is optional."""
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
-
-def missing_image_uris(prompted_uris, listed_uris) -> list[str]:
-    """The prompted URIs that ``listed_uris`` (streamed, any length) does not hold (see ``same_image_key``)."""
-    waiting = {same_image_key(uri): uri for uri in prompted_uris}
-    for uri in listed_uris:
-        if uri is not None:
-            waiting.pop(same_image_key(uri), None)
-    return sorted(waiting.values())
-
-
 # --- wiring into pipeline.run (through pipeline.modes.PromptedMode) ----------------------------
 
-@lru_cache(maxsize=4)
-def _read_prompts_cached(uri: str, storage_options_json: str) -> dict[str, ImagePrompts]:
-    return read_prompts(uri, json.loads(storage_options_json))
+def select_prompted(index_uri: str, orphans_uri: Optional[str], storage_options_json: str,
+                    uris: List[str]) -> List[Tuple[bool, dict]]:
+    """The read stage's selector, for a block of items: only prompted images get a row, and their
+    prompts travel with them.
 
-
-@lru_cache(maxsize=4)
-def _prompts_by_key(uri: str, storage_options_json: str) -> dict[str, ImagePrompts]:
-    return {same_image_key(u): p for u, p in _read_prompts_cached(uri, storage_options_json).items()}
-
-
-def load_prompts(config) -> dict[str, ImagePrompts]:
-    """The run's prompts table grouped per image (keyed by the table's URIs); read once per process."""
-    return _read_prompts_cached(config.prompts, json.dumps(config.storage_options or {}, sort_keys=True))
-
-
-def select_prompted(prompts_uri: str, storage_options_json: str, answered: frozenset, uri: str) -> tuple[bool, dict]:
-    """The read stage's selector: only prompted images get a row, their prompts travel with them.
-
-    Images in ``--input`` without prompts are not read or annotated, nor those in ``answered``
-    (they already have their "not in --input" row). The table is read once per worker process.
+    Images in ``--input`` without prompts are not read or annotated, nor those that the orphans
+    table holds (they have their "not in --input" error row, final as error rows are). Both tables
+    are the sorted ones of ``prompt_index``, looked up once per block.
     """
-    found = _prompts_by_key(prompts_uri, storage_options_json).get(same_image_key(uri))
-    if found is None or uri in answered:
-        return False, {}
-    return True, {PROMPTS_COLUMN: found.to_json()}
-
-
-def orphan_prompts_unit(config, plan, committed: set):
-    """The unit of error rows for prompted images that ``--input`` does not hold, or None.
-
-    None under ``--limit`` (a truncated listing cannot tell a missing image from one past the
-    limit, and an error row would stop a later full run from annotating it), and once such a unit
-    is committed: its error rows are final, as error rows are.
-    """
-    if config.limit is not None or plan.shards:  # (finding a shard's images means reading it whole)
-        return None
-    fs, path = fsspec.core.url_to_fs(config.prompts, **(config.storage_options or {}))
-    key = fs.unstrip_protocol(path)
-    if (KIND_PROMPT_ORPHANS, source_hash(key)) in committed_ranges(committed):
-        return None
-    missing = missing_image_uris(load_prompts(config), plan_input_uris(plan, config.storage_options or {}))
-    if not missing:
-        return None
-    return Unit(KIND_PROMPT_ORPHANS, config.prompts, key, 0, len(missing), len(missing), tuple(missing))
+    keys = [image_key(uri) for uri in uris]
+    found = open_sorted_table(index_uri, storage_options_json).lookup(keys)
+    answered = open_sorted_table(orphans_uri, storage_options_json).lookup(keys) if orphans_uri else {}
+    selected = []
+    for uri, key in zip(uris, keys):
+        if key not in found or key in answered:
+            selected.append((False, {}))
+            continue
+        image = ImagePrompts(uri)
+        for row in found[key]:
+            add_prompt_row(image, row, row[TABLE_ROW])
+        selected.append((True, {PROMPTS_COLUMN: image.to_json()}))
+    return selected
 
 
 class PromptedMode(Mode):
-    """Masks from the boxes and points of a prompts table (the Grounded-SAM recipe)."""
+    """Masks from the boxes and points of a prompts table (the Grounded-SAM recipe).
+
+    The table is sorted by image into the output once (``prompt_index``), and the read stage looks
+    each block of items up in it: neither the driver nor a worker holds the whole table.
+    """
 
     name = "prompted"
     row_schema = PROMPTED_OUTPUT_SCHEMA
 
     def __init__(self):
-        # Prompted images that already have their "not in --input" error row (final, as error
-        # rows are): should one turn up in the input later, it gets no second row.
-        self.answered: Tuple[str, ...] = ()
+        self.index_uri: Optional[str] = None
+        self.orphans_uri: Optional[str] = None
 
     def prepare(self, config: AnnotateConfig) -> None:
-        load_prompts(config)  # a missing table, or one without a uri column, stops the run here
+        """A missing table, or a file of it without a uri column, stops the run here (footers only)."""
+        table_schema(*prompt_table_files(config.prompts, config.storage_options))
 
     def selector(self, config: AnnotateConfig) -> Optional[ItemSelector]:
-        return functools.partial(select_prompted, config.prompts,
-                                 json.dumps(config.storage_options or {}, sort_keys=True), frozenset(self.answered))
+        if self.index_uri is None:
+            raise RuntimeError("PromptedMode.extra_units builds the prompts index before the plan is run")
+        return functools.partial(select_prompted, self.index_uri, self.orphans_uri,
+                                 json.dumps(config.storage_options or {}, sort_keys=True))
 
     def stage(self, config: AnnotateConfig) -> Tuple[type, dict]:
         """``config.multimask`` (``--multimask``: "auto", "always", "never") picks the multimask choice."""
         return PromptedAnnotator, {"config": config.to_dict(), "multimask": config.multimask}
 
     def extra_units(self, config: AnnotateConfig, plan: Plan, committed: Set[str], output) -> List[Unit]:
-        self.answered = tuple(output.uris_of_units(KIND_PROMPT_ORPHANS, committed))
-        unit = orphan_prompts_unit(config, plan, committed)
-        return [] if unit is None else [unit]
+        """Sort the table into the output (once per version of it), and find the prompted images
+        that ``--input`` does not hold: they get one error row each, in units of their own.
+
+        Orphans are looked for once per table, and not under ``--limit`` (a truncated listing
+        cannot tell a missing image from one past the limit) nor with shard inputs (finding a
+        shard's images means reading it whole).
+        """
+        options = config.storage_options or {}
+        version = fingerprint(config.prompts, options)
+        folder = output.path(posixpath.join(PROMPTS_DIR, version))
+        self.index_uri = output.fs.unstrip_protocol(posixpath.join(folder, "table"))
+        log.info("prompts table sorted by image into %s: %d rows", redact_text(self.index_uri),
+                 build_sorted_prompts(config.prompts, options, self.index_uri))
+        orphans_folder = posixpath.join(folder, "orphans")
+        if not table_exists(output.fs, orphans_folder):
+            if config.limit is not None or plan.shards:
+                return []
+            build_orphans(SortedTable(self.index_uri, options), plan_input_uris(plan, options), output.fs,
+                          orphans_folder)
+        self.orphans_uri = output.fs.unstrip_protocol(orphans_folder)
+        orphans = SortedTable(self.orphans_uri, options)
+        ranges = committed_ranges(committed)
+        return [unit for file_uri, rows in orphans.file_rows()
+                for unit in units_of_source(KIND_PROMPT_ORPHANS, file_uri,
+                                            f"orphans:{version}/{posixpath.basename(file_uri)}", rows,
+                                            config.unit_size, ranges, exact_size=True)]
 
 
 class PromptedAnnotator:

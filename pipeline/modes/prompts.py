@@ -1,7 +1,8 @@
 """The prompts table of prompted mode: parse it, group it per image, check it against the image.
 
-The table (Parquet, read with plain pyarrow over fsspec) has one row per image, or several rows for
-the same image, which are concatenated in table order:
+The table (one Parquet file, or a folder of them, on any fsspec store; ``prompt_index`` sorts it by
+image into the output) has one row per image, or several rows for the same image, which are
+concatenated in table order:
 
 | column         | type                                   | notes                                        |
 |----------------|----------------------------------------|----------------------------------------------|
@@ -25,10 +26,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import fsspec
-import pyarrow.parquet as pq
-
 PROMPT_COLUMNS = ("uri", "boxes", "points", "point_labels", "labels", "label", "scores", "score")
+# A row's position in the whole table, where a copy of the table carries it (the sorted index).
+TABLE_ROW = "row"
 
 
 class PromptError(ValueError):
@@ -174,33 +174,19 @@ def group_prompt_rows(rows) -> dict[str, ImagePrompts]:
     for row_number, row in enumerate(rows):
         uri = row.get("uri")
         if not uri:
-            raise PromptError(f"prompts table row {row_number} has no uri")
-        image = grouped.setdefault(uri, ImagePrompts(uri))
-        if image.error is not None:
-            continue
-        try:
-            image.prompts.extend(parse_prompt_row(row, first_index=len(image.prompts)))
-        except PromptError as exc:
-            image.prompts, image.error = [], f"bad prompts in table row {row_number}: {exc}"
+            raise PromptError(f"prompts table row {row.get(TABLE_ROW, row_number)} has no uri")
+        add_prompt_row(grouped.setdefault(uri, ImagePrompts(uri)), row, row.get(TABLE_ROW, row_number))
     return grouped
 
 
-def read_prompts(uri: str, storage_options: Optional[dict] = None) -> dict[str, ImagePrompts]:
-    """Read the prompts Parquet (a file, or a directory of .parquet files) and group it per image."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"no prompts table at {uri}")
-
-    def rows():
-        for file in files:
-            with fs.open(file, "rb") as f:
-                table = pq.read_table(f)
-            if "uri" not in table.column_names:
-                raise PromptError(f"prompts table {file} has no 'uri' column (columns: {table.column_names})")
-            yield from table.select([c for c in PROMPT_COLUMNS if c in table.column_names]).to_pylist()
-
-    return group_prompt_rows(rows())
+def add_prompt_row(image: ImagePrompts, row: dict, row_number: int) -> None:
+    """Append one table row's prompts to ``image``; a bad row makes the whole image an error."""
+    if image.error is not None:
+        return
+    try:
+        image.prompts.extend(parse_prompt_row(row, first_index=len(image.prompts)))
+    except PromptError as exc:
+        image.prompts, image.error = [], f"bad prompts in table row {row_number}: {exc}"
 
 
 def outside_image(prompt: Prompt, width: int, height: int) -> bool:

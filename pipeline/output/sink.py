@@ -5,6 +5,7 @@ Layout of an output root:
     part-<unit>-<first>-<digest>.parquet   rows of one unit, written by a Ray worker
     _commits/<unit>.json                    the unit's commit record, written by the driver last
     _listings/<run>.parquet                 what a prefix or glob listed (new objects only), per run
+    _prompts/<version>/                     prompted mode: its table sorted by image, and the orphans
     _runs/<run>.json                        manifest of each run
     _run.json                               manifest of the latest run (a copy of its _runs entry)
     _SUCCESS                                written last, when a run committed every unit it planned
@@ -54,6 +55,7 @@ TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # what Output._put leaves 
 # Shards of sam-annotate before units of work (part-<run>-<sequence>.parquet): no commit records.
 LEGACY_SHARD = re.compile(r"^part-\d{4,}-\d{6,}\.parquet$")
 COMMITS_DIR = "_commits"
+PROMPTS_DIR = "_prompts"  # written by pipeline.modes.prompt_index
 LAYOUT = "units-1"  # what `_run.json` says of outputs with units and commit records
 RUN_MANIFEST = "_run.json"
 RUN_HISTORY_DIR = "_runs"
@@ -210,7 +212,7 @@ class Output:
             if DATA_FILE.match(name) or LEGACY_SHARD.match(name) or TEMPORARY.match(name) \
                     or name in (RUN_MANIFEST, COMPLETION_MARKER):
                 self.fs.rm(self.path(name))
-        for folder in (COMMITS_DIR, LISTING_DIR, RUN_HISTORY_DIR):
+        for folder in (COMMITS_DIR, LISTING_DIR, RUN_HISTORY_DIR, PROMPTS_DIR):
             if self.fs.exists(self.path(folder)):
                 self.fs.rm(self.path(folder), recursive=True)
 

@@ -5,10 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.output import schema
-from pipeline.modes.prompted import (PROMPTED_OUTPUT_SCHEMA, missing_image_uris, prompted_row, prompts_per_chunk,
-                               wants_multimask)
+from pipeline.modes.prompted import PROMPTED_OUTPUT_SCHEMA, prompted_row, prompts_per_chunk, wants_multimask
 from pipeline.modes.prompts import (ImagePrompts, Prompt, PromptError, check_prompts_fit, group_prompt_rows,
-                              parse_prompt_row, read_prompts)
+                                    parse_prompt_row)
 from tests.sam_factory import make_official_sam, real_photos, tiny_config
 
 
@@ -59,14 +58,6 @@ def test_rows_for_one_image_are_concatenated_and_a_bad_row_fails_only_its_image(
     assert ImagePrompts.from_json(a.uri, a.to_json()) == a
 
 
-def test_read_prompts_from_parquet(tmp_path):
-    path = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"uri": ["file:///a.png"], "boxes": [[[1.0, 2.0, 3.0, 4.0]]], "scores": [[0.25]]}), path)
-    grouped = read_prompts(str(path))
-    assert list(grouped) == ["file:///a.png"]
-    assert grouped["file:///a.png"].prompts == [Prompt(index=0, box_xyxy=(1.0, 2.0, 3.0, 4.0), score=0.25)]
-
-
 def test_prompts_outside_the_image_are_named():
     inside = Prompt(0, box_xyxy=(0, 0, 300, 200))  # touching the edges is inside
     outside = [Prompt(1, box_xyxy=(10, 10, 301, 50)), Prompt(2, point_coords=((-1, 5),), point_labels=(1,))]
@@ -86,37 +77,6 @@ def test_multimask_rule_follows_the_reference_advice():
         wants_multimask(box, "sometimes")
 
 
-def test_only_prompted_images_are_read_and_unlisted_prompts_get_one_unit_of_error_rows(tmp_path):
-    import json
-
-    from pipeline.config import AnnotateConfig
-    from pipeline.modes.prompted import ORPHAN_REASON, orphan_prompts_unit, select_prompted
-    from pipeline.inputs.read import read_units
-    from pipeline.inputs.units import plan_units
-
-    table = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"uri": ["s3://b/c.jpg", "s3://b/a.jpg", "s3://b/gone.jpg", "s3://b/d.jpg"],
-                             "boxes": [[[0.0, 0.0, 1.0, 1.0]]] * 4}), table)
-    manifest = tmp_path / "inputs.txt"
-    manifest.write_text("s3://b/a.jpg\ns3://b/b.jpg\ns3://b/c.jpg\ns3://b/d.jpg\n")
-    config = AnnotateConfig(input=str(manifest), output="o", checkpoint="c", prompts=str(table))
-    keep, columns = select_prompted(str(table), "{}", frozenset(), "s3://b/a.jpg")
-    assert keep and json.loads(columns["prompts_json"])["prompts"][0]["box_xyxy"] == [0.0, 0.0, 1.0, 1.0]
-    assert select_prompted(str(table), "{}", frozenset(), "s3://b/b.jpg") == (False, {})  # no prompts: no row
-    # an image that got its "not in --input" row earlier and turned up since gets no second row
-    assert select_prompted(str(table), "{}", frozenset({"s3://b/a.jpg"}), "s3://b/a.jpg") == (False, {})
-
-    plan = plan_units(str(manifest), {}, set(), unit_size=100, limit=None, output=None, run_index=1)
-    orphans = orphan_prompts_unit(config, plan, committed=set())
-    assert orphans.entries == ("s3://b/gone.jpg",) and orphans.id.startswith("po-")
-    (block,) = read_units({name: np.array([value], dtype=object) for name, value in orphans.to_row().items()})
-    assert list(block["uri"]) == ["s3://b/gone.jpg"] and list(block["read_error"]) == [ORPHAN_REASON]
-    assert orphan_prompts_unit(config, plan, committed={orphans.id}) is None  # error rows are final
-    # under --limit the listing is cut short: an unlisted image may just be past the limit
-    limited = AnnotateConfig(input=str(manifest), output="o", checkpoint="c", prompts=str(table), limit=2)
-    assert orphan_prompts_unit(limited, plan, committed=set()) is None
-
-
 def test_multimask_option_reaches_the_prompted_actor():
     from jobs.annotate import build_parser, config_from_args
     from pipeline.modes import mode_for
@@ -133,14 +93,6 @@ def test_chunks_bound_the_full_resolution_logits():
     assert prompts_per_chunk(64, 3, 1000, 1000, max_logits=10 * 3 * 1000 * 1000) == 10
     assert prompts_per_chunk(64, 1, 100, 100, max_logits=10**9) == 64
     assert prompts_per_chunk(64, 3, 10**5, 10**5, max_logits=10) == 1
-
-
-def test_images_missing_from_the_input_are_found_by_streaming_the_listing():
-    grouped = group_prompt_rows([{"uri": "s3://b/here.jpg", "boxes": [[0, 0, 1, 1]]},
-                                 {"uri": "s3://b/gone.jpg", "boxes": [[0, 0, 1, 1]]}])
-    assert missing_image_uris(grouped, iter(["s3://b/here.jpg", None, "s3://b/other.jpg"])) == ["s3://b/gone.jpg"]
-    local = group_prompt_rows([{"uri": "file:///data/a.png", "boxes": [[0, 0, 1, 1]]}])
-    assert missing_image_uris(local, ["/data/a.png"]) == []  # file:// is optional for local paths
 
 
 # --- masks, against the reference predictor ---------------------------------------------------
