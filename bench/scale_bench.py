@@ -16,7 +16,10 @@ the real job (``pipeline.run.run``, local Ray).
    writer and committer (``pipeline.output.sink.write_parts`` and ``Committer``, without Ray), then the
    same command is run again: the time until it returns, having found nothing to do, in process
    and as a whole ``python -m jobs.annotate`` command.
-3. **Writer** (``--writer-rows``): ``write_parts`` rows/s and MB/s on local disk for SA-1B-like
+3. **Prompted** (``--prompted-sizes``): the driver case in prompted mode, a manifest of N distinct
+   images and a prompts table of N boxes (and 1 % more for images the manifest lacks): planning now
+   includes sorting the table into the output and finding those orphans, both in bounded memory.
+4. **Writer** (``--writer-rows``): ``write_parts`` rows/s and MB/s on local disk for SA-1B-like
    rows (``--masks`` masks a row, COCO RLE strings of ``--rle-chars`` characters).
 
 Prints one JSON document; ``--json`` also writes it to a file.
@@ -45,9 +48,9 @@ from pathlib import Path
 import ray
 from pipeline.config import AnnotateConfig
 from pipeline.run import run
-from tests.pipeline.standin import StandInAnnotator
+from tests.pipeline.standin import StandInAnnotator, StandInPromptedAnnotator
 
-manifest, output, hold_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+manifest, output, hold_s, prompts = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] or None
 figures = {}
 
 def rss_mib(field="VmHWM"):
@@ -74,10 +77,12 @@ def watch():
     os._exit(0)
 
 figures["rss_before_run_mib"] = rss_mib("VmRSS")
-config = AnnotateConfig(input=manifest, output=output, checkpoint="unused", num_actors=2, batch_size=4)
+config = AnnotateConfig(input=manifest, output=output, checkpoint="unused", num_actors=2, batch_size=4,
+                        prompts=prompts)
 threading.Thread(target=watch, daemon=True).start()
 started = time.perf_counter()
-run(config, progress=False, stage=(StandInAnnotator, {"config": config.to_dict()}), connect=connect)
+stand_in = StandInPromptedAnnotator if prompts else StandInAnnotator
+run(config, progress=False, stage=(stand_in, {"config": config.to_dict()}), connect=connect)
 watch()
 """
 
@@ -100,12 +105,41 @@ def write_manifest(path: Path, images: list, count: int) -> None:
             handle.write("".join(f"{images[i % len(images)]}\n" for i in range(start, min(count, start + 100_000))))
 
 
-def driver_figures(work: Path, images: list, count: int, hold_s: float) -> dict:
-    manifest = work / f"manifest-{count}.txt"
-    write_manifest(manifest, images, count)
+def write_prompted_corpus(work: Path, images: list, count: int) -> tuple:
+    """A manifest of ``count`` distinct image URIs and a prompts table of ``count`` boxes, one for each,
+    plus one box in every 100 for an image the manifest lacks. Only the first images exist (hard
+    links to the samples): the rest become read-error rows, which the driver handles the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = work / f"prompted-{count}"
+    folder.mkdir()
+    for i in range(min(count, 4096)):
+        os.link(images[i % len(images)], folder / f"{i:09d}.jpg")
+    manifest = work / f"prompted-manifest-{count}.txt"
+    prompts = work / f"prompts-{count}.parquet"
+    box = [[1.0, 1.0, 20.0, 20.0]]
+    with open(manifest, "w") as handle, pq.ParquetWriter(prompts, pa.schema([("uri", pa.string()),
+                                                                              ("boxes", pa.list_(pa.list_(pa.float64())))])) as writer:
+        for start in range(0, count, 100_000):
+            uris = [f"{folder}/{i:09d}.jpg" for i in range(start, min(count, start + 100_000))]
+            handle.write("".join(f"{uri}\n" for uri in uris))
+            table_uris = uris + [f"{folder}/missing-{i:09d}.jpg" for i in range(start, start + len(uris), 100)]
+            writer.write_table(pa.table({"uri": table_uris, "boxes": [box] * len(table_uris)}))
+    return manifest, prompts, folder
+
+
+def driver_figures(work: Path, images: list, count: int, hold_s: float, prompted: bool = False) -> dict:
+    prompts = folder = None
+    if prompted:
+        manifest, prompts, folder = write_prompted_corpus(work, images, count)
+    else:
+        manifest = work / f"manifest-{count}.txt"
+        write_manifest(manifest, images, count)
     output = work / f"out-{count}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-c", DRIVER, str(manifest), str(output), str(hold_s)], env=env,
+    job = subprocess.Popen([sys.executable, "-c", DRIVER, str(manifest), str(output), str(hold_s),
+                            str(prompts or "")], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = job.communicate(timeout=1200)
@@ -118,6 +152,12 @@ def driver_figures(work: Path, images: list, count: int, hold_s: float) -> dict:
     if line is None:
         raise RuntimeError(f"driver for {count} inputs printed no figures:\n{log[-3000:]}")
     figures = {"inputs": count, "manifest_mib": round(manifest.stat().st_size / 2**20, 1), **json.loads(line[8:])}
+    if prompted:
+        figures["prompts_mib"] = round(prompts.stat().st_size / 2**20, 1)
+        figures["prompts_folder_mib"] = round(sum(p.stat().st_size for p in (output / "_prompts").rglob("*")
+                                                  if p.is_file()) / 2**20, 1)
+        prompts.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
     manifest.unlink()
     shutil.rmtree(output, ignore_errors=True)
     return figures
@@ -229,7 +269,9 @@ def main() -> int:
     parser.add_argument("--writer-rows", type=int, default=2048)
     parser.add_argument("--masks", type=int, default=100)
     parser.add_argument("--rle-chars", type=int, default=800)
-    parser.add_argument("--parts", default="driver,resume,writer")
+    parser.add_argument("--prompted-sizes", default="100000,10000000",
+                        help="prompted mode's driver: a manifest of N images and a prompts table of N boxes")
+    parser.add_argument("--parts", default="driver,resume,writer,prompted")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -249,6 +291,11 @@ def main() -> int:
             for size in (int(s) for s in args.driver_sizes.split(",") if s):
                 figures["driver"].append(driver_figures(work, images, size, args.hold_s))
                 print(json.dumps({"driver": figures["driver"][-1]}), flush=True)
+        if "prompted" in parts:
+            figures["prompted"] = []
+            for size in (int(s) for s in args.prompted_sizes.split(",") if s):
+                figures["prompted"].append(driver_figures(work, images, size, args.hold_s, prompted=True))
+                print(json.dumps({"prompted": figures["prompted"][-1]}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     emit(figures, args.json)

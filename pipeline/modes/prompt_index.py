@@ -118,7 +118,7 @@ def iter_table(fs, files: Sequence[str], schema: pa.Schema, batch_rows: int = 65
     row = 0
     for file in files:
         with fs.open(file, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, pre_buffer=False)  # a row group at a time, not the file
             columns = [c for c in PROMPT_COLUMNS if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                 uris = batch.column(batch.schema.get_field_index("uri"))
@@ -194,7 +194,8 @@ def _batches(table: pa.Table, rows: int) -> Iterator[pa.Table]:
 def _merge(paths: Sequence[str], batch_rows: int) -> Iterator[pa.Table]:
     """Sorted runs -> one sorted stream. Each step takes, from every run, the rows up to the smallest
     of the runs' last buffered keys: nothing still unread can sort before them."""
-    readers = [pq.ParquetFile(path).iter_batches(batch_size=batch_rows) for path in paths]
+    # pre_buffer off: with it, the reader fetches whole runs ahead, and memory grows with the table.
+    readers = [pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows) for path in paths]
     buffers: List[Optional[pa.Table]] = [None] * len(readers)
 
     def refill(i: int) -> None:

@@ -48,3 +48,21 @@ class StandInAnnotator(Annotator):
 
     def __init__(self, config: dict):
         super().__init__(config, generator_factory=lambda config, device: FakeGenerator())
+
+
+class StandInPromptedAnnotator(StandInAnnotator):
+    """``StandInAnnotator`` for prompted runs: rows of the prompted schema (the prompt fields null), and
+    the prompts column consumed, as ``PromptedAnnotator`` does."""
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        from pipeline.modes.prompted import PROMPTED_OUTPUT_SCHEMA, PROMPTS_COLUMN
+
+        table = super().__call__({name: values for name, values in batch.items() if name != PROMPTS_COLUMN})
+        rows = table.select(PROMPTED_OUTPUT_SCHEMA.names).to_pylist()
+        prompted = pa.Table.from_pylist(rows, schema=PROMPTED_OUTPUT_SCHEMA)
+        for name in table.column_names:
+            if name not in PROMPTED_OUTPUT_SCHEMA.names:
+                prompted = prompted.append_column(name, table[name])
+        return prompted
