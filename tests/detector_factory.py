@@ -36,8 +36,24 @@ def _tokenizer_vocab_kwarg(tokenizer_class) -> str:
     return "vocab" if "vocab" in inspect.signature(tokenizer_class.__init__).parameters else "vocab_file"
 
 
-def make_grounding_dino_dir(path: Path, seed: int = 0) -> Path:
-    """A tiny random Grounding DINO + processor saved under ``path``; returns ``path``."""
+# Grounding DINO's published "tiny" (Swin-T backbone, BERT-base text encoder, 6+6 layers, 900 queries),
+# for benchmarks: random weights of the real shapes. Its processor's sizes are set by the caller.
+GDINO_TINY_SIZES = dict(
+    swin=dict(patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
+    bert=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+              max_position_embeddings=512),
+    dino=dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+              encoder_attention_heads=8, decoder_attention_heads=8, num_queries=900, encoder_n_points=4,
+              decoder_n_points=4, max_text_len=256),
+)
+
+
+def make_grounding_dino_dir(path: Path, seed: int = 0, sizes: dict | None = None,
+                            shortest_edge: int = GDINO_SHORTEST_EDGE, longest_edge: int = GDINO_LONGEST_EDGE) -> Path:
+    """A random Grounding DINO + processor saved under ``path``; returns ``path``.
+
+    Tiny by default; ``sizes=GDINO_TINY_SIZES`` gives the published tiny model's shapes (benchmarks).
+    """
     from transformers import (
         BertConfig,
         BertTokenizerFast,
@@ -57,23 +73,21 @@ def make_grounding_dino_dir(path: Path, seed: int = 0) -> Path:
 
     # patch_size 2: the deepest Swin stage (/16) and the extra level (/32) keep >1 pixel at 64 px,
     # which the levels' GroupNorm needs.
-    backbone = SwinConfig(
-        image_size=GDINO_SHORTEST_EDGE, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-        window_size=7, out_features=["stage2", "stage3", "stage4"],
-    )
-    text = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=32,
-    )
-    config = GroundingDinoConfig(
-        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        num_queries=20, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
+    sizes = sizes or dict(
+        swin=dict(patch_size=2, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7),
+        bert=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                  max_position_embeddings=32),
+        dino=dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                  encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, encoder_n_points=2,
+                  decoder_n_points=2, max_text_len=32),
     )  # decoder_layers >= 2: the box heads of layers 1.. are tied to layer 0's
+    backbone = SwinConfig(image_size=shortest_edge, out_features=["stage2", "stage3", "stage4"], **sizes["swin"])
+    text = BertConfig(vocab_size=len(vocab), **sizes["bert"])
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, **sizes["dino"])
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
     image_processor = GroundingDinoImageProcessor(
-        size={"shortest_edge": GDINO_SHORTEST_EDGE, "longest_edge": GDINO_LONGEST_EDGE}
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge}
     )
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(path, safe_serialization=True)

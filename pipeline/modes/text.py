@@ -6,7 +6,8 @@ Per batch of decoded images, ``TextAnnotator``:
    OWL-ViT) over all of them in one call, one forward per processed shape;
 2. keeps the boxes over ``--box-threshold`` (and, with ``--label-nms``, the best of each
    same-label cluster), clipped to the image;
-3. encodes every image that has a box in ONE SAM encoder batch (``SamPredictor.set_images``);
+3. encodes every image that has a box in ONE SAM encoder batch (``SamPredictor.set_images``; with
+   ``--fast``, under bfloat16 autocast where bf16 is faster on the device);
 4. decodes each image's boxes as box prompts in decoder batches of ``--points-per-batch``
    (``prompted.segment_prompts``), one mask per box (``--multimask auto``: SAM's advice for boxes).
 
@@ -166,7 +167,7 @@ class TextAnnotator:
         kept = [kept_detections(d, self.classes, image.shape[1], image.shape[0], config.label_nms)
                 for d, image in zip(found, images)]
         with_boxes = [i for i, (detections, _) in enumerate(kept) if len(detections)]
-        embeddings = self.predictor.set_images([images[i] for i in with_boxes])  # one encoder batch
+        embeddings = self._encode([images[i] for i in with_boxes])  # one encoder batch
         results: list = [([], []) for _ in images]
         for i, embedding in zip(with_boxes, embeddings):
             detections, classes_of = kept[i]
@@ -175,6 +176,22 @@ class TextAnnotator:
                                       config.multimask, config.stability_score_offset)
             results[i] = (records, detections.labels)
         return results
+
+
+    def _encode(self, images: List[np.ndarray]) -> list:
+        """SAM's encoder over ``images`` at once; with ``--fast``, under bfloat16 autocast where bf16
+        measures faster here (``sam_core.amg.tuning.bfloat16_pays``). The features return to fp32,
+        so the boxes still decode in fp32."""
+        import torch
+
+        from sam_core.amg.tuning import bfloat16_pays
+        from sam_core.predictor import ImageEmbedding
+
+        device = self.predictor.device
+        fast = self.config.fast and bfloat16_pays(device.type, torch.get_num_threads())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+            embeddings = self.predictor.set_images(images)
+        return [ImageEmbedding(e.features.float(), e.original_size, e.input_size) for e in embeddings]
 
 
 def text_row(uri: str, width: int, height: int, result: tuple, sha: Optional[str], row_timings: dict) -> dict:
