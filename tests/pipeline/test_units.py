@@ -175,11 +175,16 @@ def test_a_prefix_is_snapshotted_and_late_arrivals_get_only_their_own_units(tmp_
     assert output.next_run_index() == 3  # a snapshot takes its run index even without a manifest
 
 
+def placeholder_images(folder, names):
+    """``folder`` with one placeholder object per name: listings read names, not bytes."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
 def test_a_listing_limit_extends_on_a_later_run(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(5):
-        (images / f"{i}.jpg").write_bytes(b"x")
+    images = placeholder_images(tmp_path / "images", [f"{i}.jpg" for i in range(5)])
     output = Output(str(tmp_path / "out"))
     first = plan(images, output=output, limit=2)
     publish(output, first)
@@ -280,14 +285,12 @@ def test_text_manifest_ramp_is_in_bytes_and_gives_every_entry_to_one_unit(tmp_pa
 
 
 def test_a_listing_ramps_its_first_units(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(40):
-        (images / f"{i:02d}.jpg").write_bytes(b"x")
+    images = placeholder_images(tmp_path / "images", [f"{i:02d}.jpg" for i in range(40)])
     output = Output(str(tmp_path / "out"))
     planned = plan(images, output=output, unit_size=32, ramp_from=4)
     assert ranges(planned) == [(0, 4), (4, 8), (8, 16), (16, 32), (32, 40)]
-    assert [u.kind for u in planned.units] == ["ls"] * 5 and [u.flush for u in planned.units] == [True] * 3 + [False] * 2
+    assert [u.kind for u in planned.units] == ["ls"] * 5
+    assert [u.flush for u in planned.units] == [True] * 3 + [False] * 2
 
 
 def test_only_the_first_shard_is_cut_into_member_ranges(tmp_path):
