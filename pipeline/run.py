@@ -82,6 +82,15 @@ def plan_actor_pool(config: AnnotateConfig, cluster: dict) -> Tuple[int, float]:
     return max(1, cpus), gpus_per_actor
 
 
+def first_unit_items(config: AnnotateConfig) -> int:
+    """Items in a run's first unit: ``RAMP_FIRST``, or one annotate batch if that is more.
+
+    The units after it double up to ``unit_size`` (``pipeline.inputs.units.Ramp``), so that the
+    first commit comes after a few images, not a whole unit.
+    """
+    return max(units_of_work.RAMP_FIRST, config.batch_size)
+
+
 def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Mode] = None,
                   stage: Optional[Tuple[type, dict]] = None):
     """The Ray Data plan; lazy until iterated. Its rows are the write results, one per file.
@@ -104,7 +113,7 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Mo
         ray.data.from_items([unit.to_row() for unit in planned], override_num_blocks=len(planned))
         .map_batches(read_units, fn_kwargs={"storage_options": options, "select": mode.selector(config),
                                             "sidecars": config.sidecars, "image_column": config.image_column,
-                                            "id_column": config.id_column},
+                                            "id_column": config.id_column, "flush_rows": config.rows_per_file},
                      batch_size=1, batch_format="numpy", **cpu_stages)
         .map_batches(decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_format="numpy",
                      **cpu_stages)
@@ -117,6 +126,19 @@ def build_dataset(config: AnnotateConfig, planned: List[Unit], mode: Optional[Mo
             batch_format="numpy",
         )
         # Writing is I/O: no CPU reserved, so that CPU actors holding every core cannot starve it.
+        # Ray Data gives this stage a task only once `rows_per_file` rows wait for it (its
+        # `batch_size` is also its bundler's minimum; the rest only at the end of the input), so a
+        # unit smaller than that would be written, and committed, only with later units' rows, or
+        # at the very end of a short run. A ramp unit (`Unit.flush`) is therefore followed by
+        # `rows_per_file` flush rows from the read stage: skipped rows of no unit that fill the
+        # bundle and travel through decode and the actors as cheap skips, and that `write_parts`
+        # drops. The first units' rows reach storage as soon as they are annotated, and files keep
+        # `rows_per_file` rows after the ramp. The price: `rows_per_file` skip rows through the
+        # actors per ramp unit (6 of them from 16 to 1,024 items), and the ramp's files are as
+        # small as its units.
+        # Smaller batches here would make every file small; a write per unit end has no hook in
+        # Ray Data's public API (its bundler counts rows only); a separate plan for the first
+        # units would load the model twice.
         .map_batches(write_parts, fn_kwargs={"output": config.output, "storage_options": options,
                                              "row_schema": with_sidecars(mode.row_schema, config.sidecars)},
                      batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
@@ -164,7 +186,7 @@ def run(
         plan = units_of_work.plan_units(
             config.input, config.storage_options, committed, unit_size=config.unit_size, limit=config.limit,
             output=output, run_index=run_index, staging_dir=staging, fresh_output=config.overwrite,
-            image_column=config.image_column)
+            image_column=config.image_column, ramp_from=first_unit_items(config))
         # The model is checked before any side effect: a bad checkpoint never wipes (--overwrite)
         # or touches an existing output.
         checkpoint_sha256 = check_model(config) if plan.units and stage is None else None

@@ -34,7 +34,7 @@ from pipeline.redact import redact_text
 from pipeline.retry import RetriesExhausted, with_retries
 from pipeline.output.schema import SIDECAR_PREFIX
 from pipeline.inputs.sources import is_image_name
-from pipeline.inputs.units import (KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS, KIND_TAR,
+from pipeline.inputs.units import (FLUSH_UNIT, KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS, KIND_TAR,
                                    KIND_TEXT, ORPHAN_REASON, Plan, Unit, find_image_column, is_manifest_entry)
 
 RETRIES = 3
@@ -60,7 +60,7 @@ class Item(NamedTuple):
 
 def read_units(batch: dict, *, storage_options: Optional[dict] = None, select: Optional[ItemSelector] = None,
                sidecars: Sequence[str] = (), image_column: Optional[str] = None, id_column: Optional[str] = None,
-               items_per_block: int = ITEMS_PER_BLOCK) -> Iterator[dict]:
+               items_per_block: int = ITEMS_PER_BLOCK, flush_rows: int = 0) -> Iterator[dict]:
     """Ray Data ``map_batches`` function (``batch_format="numpy"``): unit rows -> item rows.
 
     Yields blocks of at most ``items_per_block`` items, each with ``unit``, ``unit_index``
@@ -69,6 +69,11 @@ def read_units(batch: dict, *, storage_options: Optional[dict] = None, select: O
     skipped), ``read_error`` (str: "" or why), ``read_s`` (float64), one ``sidecar_<ext>`` column
     per requested sidecar, and any column ``select`` adds. A unit with no item still yields one
     skipped item, so that the driver sees every unit end.
+
+    After the items of a ``Unit.flush`` unit (a ramp unit) come ``flush_rows`` flush rows:
+    skipped, of no unit (``unit`` is ``FLUSH_UNIT``), so that the write stage, which waits for
+    ``rows_per_file`` rows before it writes, writes that unit's rows at once (see
+    ``pipeline.run.build_dataset``). ``pipeline.output.sink.write_parts`` drops them.
     """
     options = storage_options or {}
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
@@ -79,6 +84,17 @@ def read_units(batch: dict, *, storage_options: Optional[dict] = None, select: O
             unit_select = None if unit.kind == KIND_PROMPT_ORPHANS else select
             for chunk in _chunks(_numbered(items), items_per_block):
                 yield _read_block(unit, chunk, options, unit_select, sidecars, pool)
+            if unit.flush and flush_rows > 0:
+                yield _flush_block(unit, flush_rows, options, sidecars, pool)
+
+
+def _flush_block(unit: Unit, rows: int, storage_options: dict, sidecars: Sequence[str],
+                 pool: ThreadPoolExecutor) -> dict:
+    """``rows`` skipped rows of no unit, with the columns of an item block (no I/O: nothing to fetch)."""
+    block = _read_block(unit, [(index, Item(None), False) for index in range(rows)], storage_options,
+                        None, sidecars, pool)
+    block["unit"] = np.full(rows, FLUSH_UNIT, dtype=object)
+    return block
 
 
 def unit_items(unit: Unit, storage_options: dict, *, sidecars: Sequence[str] = (),

@@ -25,6 +25,12 @@ every range left over into units on a fixed grid of ``span`` items (bytes for `t
 - a unit that was planned but never committed is planned again, and the sink removes what it
   left behind before anything is rewritten (``pipeline.output.sink.Output.remove_uncommitted``).
 
+A run's first units are small (``Ramp``, when ``plan_units`` is given ``ramp_from``): the first is
+``ramp_from`` items and each next one ends on a grid twice as wide, until ``unit_size``; so the
+first commit record, and the rows it marks, come after a few images, not after a whole unit.
+Every run ramps from where its own work starts (a resume, a late arrival), and the ramp ends on
+the fixed grid, so later units are the grid's. Any split is safe: resume takes ranges, not ids.
+
 The driver holds the planned units and the committed ids: state that grows with units, not with
 images. Manifests are read on the workers (`pipeline.inputs.read`), listings are streamed.
 """
@@ -61,6 +67,10 @@ UNIT_ID_PATTERN = r"(?:txt|pq|ls|po|tar|img)-[0-9a-f]{12}-\d+-(?:\d+|end)"
 _UNIT_ID = re.compile(rf"^(?P<kind>[a-z]+)-(?P<source>[0-9a-f]{{12}})-(?P<start>\d+)-(?P<stop>\d+|end)$")
 
 DEFAULT_UNIT_SIZE = 1024
+# Items in a run's first unit (at least the annotate batch; see ``Ramp``).
+RAMP_FIRST = 16
+# The ``unit`` column of the rows the read stage sends after a ramp unit (``Unit.flush``): no unit's.
+FLUSH_UNIT = ""
 
 # The error of a prompted image that --input does not hold (the rows of a KIND_PROMPT_ORPHANS unit).
 ORPHAN_REASON = ("prompts given for an image that is not in --input "
@@ -83,6 +93,8 @@ class Unit:
     ``source_key`` the stable identity its id is derived from: the canonical URI of a manifest,
     or ``listing:<name>`` for a snapshot (so an output that moves keeps its ids).
     ``size`` is the number of items where planning knows it exactly (rows), else None.
+    ``flush``: a ramp unit, whose rows should reach storage as soon as they are annotated
+    (``pipeline.inputs.read.read_units`` sends flush rows after its items). Not part of the id.
     """
 
     kind: str
@@ -91,6 +103,7 @@ class Unit:
     start: int
     stop: int
     size: Optional[int] = None
+    flush: bool = False
 
     @property
     def id(self) -> str:
@@ -104,7 +117,8 @@ class Unit:
     def from_row(cls, row: dict) -> "Unit":
         size = int(row["size"])
         return cls(kind=str(row["kind"]), source=str(row["source"]), source_key=str(row["source_key"]),
-                   start=int(row["start"]), stop=int(row["stop"]), size=None if size < 0 else size)
+                   start=int(row["start"]), stop=int(row["stop"]), size=None if size < 0 else size,
+                   flush=bool(row.get("flush", False)))
 
 
 def source_hash(source_key: str) -> str:
@@ -157,18 +171,59 @@ def cut(gaps: Iterable[Tuple[int, int]], span: int) -> Iterator[Tuple[int, int]]
             start = boundary
 
 
+class Ramp:
+    """The first units of a run: small, then wider, up to the unit size.
+
+    The k-th ramp unit ends at the next multiple of ``first * 2**k`` items (in the source's own
+    measure: bytes for `txt`), so from position 0 the units are 16, 16, 32, ... 512 items and
+    the ramp ends on the ``unit_size`` grid; from any other position (a resume, late arrivals)
+    it grows the same way and the next unit runs to the grid. The ramp spans a run, not a
+    source: it goes on into the next gap or source until it is used up, so a run of a thousand
+    shards splits only its first. Planning the same gaps again gives the same units.
+    """
+
+    def __init__(self, first: Optional[int], unit_size: int):
+        sizes = []
+        size = max(1, first or unit_size)
+        while size < unit_size:
+            sizes.append(size)
+            size *= 2
+        self.sizes = sizes  # item widths of the ramp units still to plan
+
+    def cut(self, gaps: Iterable[Tuple[int, int]], span: int, unit_size: int,
+            whole: bool = False) -> Iterator[Tuple[int, int, bool]]:
+        """(start, stop, is a ramp unit) for ``gaps``: the ramp while it lasts, then the grid of ``span``.
+
+        ``span`` is ``unit_size`` items in the source's measure; ``whole``: after the ramp, the
+        rest of each gap is one unit (shards).
+        """
+        for start, stop in gaps:
+            while start < stop and self.sizes:
+                width = max(1, self.sizes.pop(0) * span // unit_size)
+                boundary = min(stop, (start // width + 1) * width)
+                yield start, boundary, True
+                start = boundary
+            if start < stop:
+                yield from ((a, b, False) for a, b in ([(start, stop)] if whole else cut([(start, stop)], span)))
+
+
 def units_of_source(kind: str, source: str, source_key: str, total: int, span: int,
                     committed: Dict[Tuple[str, str], List[Tuple[int, int]]], exact_size: bool,
-                    limit_total: Optional[int] = None) -> List[Unit]:
-    """The units still to do for one source of ``total`` items (or bytes), up to ``limit_total`` if given."""
+                    limit_total: Optional[int] = None, ramp: Optional[Ramp] = None,
+                    unit_size: Optional[int] = None) -> List[Unit]:
+    """The units still to do for one source of ``total`` items (or bytes), up to ``limit_total`` if given.
+
+    ``ramp`` (with ``unit_size``, the items ``span`` stands for) makes the first units small.
+    """
     covered = committed.get((kind, source_hash(source_key)), [])
     if covered and covered[-1][1] > total:
         raise InputError(
             f"{source} is shorter than when it was annotated ({total} {'rows' if exact_size else 'bytes'} now, "
             f"{covered[-1][1]} done): manifests must only grow; use --overwrite or another --output")
     end = total if limit_total is None else min(total, limit_total)
-    return [Unit(kind, source, source_key, start, stop, size=(stop - start) if exact_size else None)
-            for start, stop in cut(uncovered(end, covered), span)]
+    ramp = ramp or Ramp(None, 1)
+    return [Unit(kind, source, source_key, start, stop, size=(stop - start) if exact_size else None, flush=flush)
+            for start, stop, flush in ramp.cut(uncovered(end, covered), span, unit_size or span)]
 
 
 # --- Planning ---------------------------------------------------------------------------------
@@ -194,7 +249,8 @@ class Plan:
 
 def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], *, unit_size: int,
                limit: Optional[int], output, run_index: int, staging_dir: Optional[str] = None,
-               fresh_output: bool = False, image_column: Optional[str] = None) -> Plan:
+               fresh_output: bool = False, image_column: Optional[str] = None,
+               ramp_from: Optional[int] = None) -> Plan:
     """Cut ``input_uri`` into the units that ``committed`` does not cover yet.
 
     ``output`` is the ``pipeline.output.sink.Output`` (its earlier listing snapshots are diffed against
@@ -203,9 +259,12 @@ def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], 
 
     Shards (tar, Parquet of image bytes) become one unit each; under ``limit`` only the first
     shard is planned, for its first ``limit`` images (a shard's size is known once it is read).
+    ``ramp_from``: the items of the run's first unit; the units after it grow to ``unit_size``
+    (``Ramp``). None: every unit on the grid.
     """
     options = storage_options or {}
     ranges = committed_ranges(committed)
+    ramp = Ramp(ramp_from, unit_size)
     if sources.has_braces(input_uri):  # WebDataset's shard notation names the files: no listing
         files = [(sources.file_kind(uri), uri) for uri in sources.expand_braces(input_uri)]
         unknown = [uri for kind, uri in files if kind not in (sources.TAR, sources.PARQUET)]
@@ -215,32 +274,33 @@ def plan_units(input_uri: str, storage_options: dict, committed: Iterable[str], 
         present = present_shards(files, options)
         if not present:
             raise InputError(f"--input {redact_text(input_uri)} names {len(files)} shard(s), none of them there")
-        return Plan(shard_units(present, options, ranges, limit), shards=len(present))
+        return Plan(shard_units(present, options, ranges, limit, ramp, unit_size), shards=len(present))
     fs, path = fsspec.core.url_to_fs(input_uri, **options)
     kind = manifest_kind(fs, path)
     if kind == KIND_TEXT:
         shards = text_manifest_shards(fs, path)
         if shards is not None:
             present = present_shards(shards, options)
-            return Plan(shard_units(present, options, ranges, limit), shards=len(present))
+            return Plan(shard_units(present, options, ranges, limit, ramp, unit_size), shards=len(present))
         size = int(fs.size(path))
         total = size if limit is None else text_manifest_extent(fs, path, limit)
         span = text_span(fs, path, unit_size)
         key = canonical(fs, path)
         return Plan(units_of_source(KIND_TEXT, input_uri, key, size, span, ranges, exact_size=False,
-                                    limit_total=total),
+                                    limit_total=total, ramp=ramp, unit_size=unit_size),
                     extent=[Unit(KIND_TEXT, input_uri, key, 0, total)])
     if kind == KIND_PARQUET:
         if parquet_holds_images(fs, path, image_column):
-            return Plan(shard_units([(sources.PARQUET, input_uri)], options, ranges, limit), shards=1)
+            return Plan(shard_units([(sources.PARQUET, input_uri)], options, ranges, limit, ramp, unit_size),
+                        shards=1)
         rows = parquet_manifest_rows(fs, path)
         total = rows if limit is None else min(rows, limit)
         key = canonical(fs, path)
         return Plan(units_of_source(KIND_PARQUET, input_uri, key, rows, unit_size, ranges, exact_size=True,
-                                    limit_total=total),
+                                    limit_total=total, ramp=ramp),
                     extent=[Unit(KIND_PARQUET, input_uri, key, 0, total, total)])
     return _plan_listing(input_uri, options, ranges, unit_size, limit, output, run_index, staging_dir,
-                         fresh_output)
+                         fresh_output, ramp)
 
 
 def manifest_kind(fs, path: str) -> Optional[str]:
@@ -370,22 +430,30 @@ def present_shards(files: Sequence[Tuple[str, str]], storage_options: dict) -> L
     return kept
 
 
-def shard_units(files: Sequence[Tuple[str, str]], storage_options: dict, ranges, limit: Optional[int]) -> List[Unit]:
-    """One unit per shard not yet committed to its end; under ``limit``, the first shard's first images."""
+def shard_units(files: Sequence[Tuple[str, str]], storage_options: dict, ranges, limit: Optional[int],
+                ramp: Optional[Ramp] = None, unit_size: int = DEFAULT_UNIT_SIZE) -> List[Unit]:
+    """One unit per shard not yet committed to its end; under ``limit``, the first shard's first images.
+
+    With ``ramp``, the first shard's first members are cut into ramp units (member ranges) and
+    the rest of it is one unit; each ramp unit streams the shard from its start to its range.
+    """
+    ramp = ramp or Ramp(None, 1)
     units = []
     for position, (kind, uri) in enumerate(files):
         unit_kind = KIND_TAR if kind == sources.TAR else KIND_PARQUET_IMAGES
         total = END if limit is None else (limit if position == 0 else 0)
         key = canonical_uri(uri, storage_options)
         covered = ranges.get((unit_kind, source_hash(key)), [])
-        units += [Unit(unit_kind, uri, key, start, stop) for start, stop in uncovered(total, covered)]
+        units += [Unit(unit_kind, uri, key, start, stop, flush=flush)
+                  for start, stop, flush in ramp.cut(uncovered(total, covered), unit_size, unit_size, whole=True)]
     return units
 
 
 # --- Listings: prefixes and globs ---------------------------------------------------------------
 
 def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int, limit: Optional[int],
-                  output, run_index: int, staging_dir: Optional[str], fresh_output: bool) -> Plan:
+                  output, run_index: int, staging_dir: Optional[str], fresh_output: bool,
+                  ramp: Optional[Ramp] = None) -> Plan:
     shards: List[Tuple[str, str]] = []  # listed on the way; a handful per thousand images at most
 
     def images() -> Iterator[str]:
@@ -421,10 +489,10 @@ def _plan_listing(input_uri: str, storage_options: dict, ranges, unit_size: int,
     for uri, snapshot, rows in listings:
         key = f"listing:{snapshot}"
         source = output.listing_uri(snapshot)  # the staged one is published there before any read
-        units += units_of_source(KIND_LISTING, source, key, rows, unit_size, ranges, exact_size=True)
+        units += units_of_source(KIND_LISTING, source, key, rows, unit_size, ranges, exact_size=True, ramp=ramp)
         extent.append(Unit(KIND_LISTING, uri, key, 0, rows, rows))
     shard_limit = None if limit is None else max(0, limit - listed[0])
-    units += shard_units(shards, storage_options, ranges, shard_limit)
+    units += shard_units(shards, storage_options, ranges, shard_limit, ramp, unit_size)
     if not count:
         os.unlink(staged)
         return Plan(units, extent, shards=len(shards))
@@ -477,5 +545,5 @@ def listing_name_ok(name: str) -> bool:
     return bool(re.fullmatch(r"\d{4,}", name))
 
 
-__all__ = ["DEFAULT_UNIT_SIZE", "InputError", "Plan", "Unit", "committed_ranges", "cut", "new_entries",
+__all__ = ["DEFAULT_UNIT_SIZE", "FLUSH_UNIT", "InputError", "Plan", "RAMP_FIRST", "Ramp", "Unit", "committed_ranges", "cut", "new_entries",
            "parse_unit_id", "plan_units", "uncovered", "unit_id", "LISTING_DIR", "UNIT_ID_PATTERN"]

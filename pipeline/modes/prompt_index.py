@@ -36,7 +36,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.modes.prompts import PROMPT_COLUMNS, TABLE_ROW, PromptError
-from pipeline.output.sink import PROMPTS_DIR
 IMAGE_KEY = "image_key"
 INDEX_FILE = "index.parquet"
 # Sorted in memory at once on the driver (~200 bytes a row with one box: tens of MiB).

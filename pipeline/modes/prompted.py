@@ -44,13 +44,14 @@ from pipeline.config import MULTIMASK_MODES, AnnotateConfig
 from pipeline.inputs.read import ItemSelector, plan_input_uris
 from pipeline.inputs.units import KIND_PROMPT_ORPHANS, Plan, Unit, committed_ranges, units_of_source
 from pipeline.modes.base import Mode
-from pipeline.modes.prompt_index import (PROMPTS_DIR, SortedTable, build_orphans, build_sorted_prompts, fingerprint,
+from pipeline.modes.prompt_index import (SortedTable, build_orphans, build_sorted_prompts, fingerprint,
                                          image_key, open_sorted_table, prompt_table_files, table_exists,
                                          table_schema)
 from pipeline.modes.prompts import TABLE_ROW, ImagePrompts, Prompt, add_prompt_row, check_prompts_fit
 from pipeline.modes.stage import (CONSUMED_COLUMNS, answered_row, failure_reason, image_sha256, load_model,
                                   pick_device, timings, with_passthrough)
 from pipeline.output import schema
+from pipeline.output.sink import PROMPTS_DIR
 from pipeline.redact import redact_text
 from sam_core.amg.filters import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 from sam_core.amg.rle import masks_to_rle_arrays, rle_to_coco

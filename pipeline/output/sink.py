@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from pipeline.output import schema
 from pipeline.redact import redact_text
 from pipeline.retry import with_retries
-from pipeline.inputs.units import LISTING_DIR, UNIT_ID_PATTERN, Unit, listing_name_ok
+from pipeline.inputs.units import FLUSH_UNIT, LISTING_DIR, UNIT_ID_PATTERN, Unit, listing_name_ok
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,11 @@ def write_parts(batch: pa.Table, *, output: str, storage_options: Optional[dict]
 
     ``batch`` holds annotated rows (``row_schema`` columns) and the ``schema.UNIT_COLUMNS``.
     Rows of status "skip" are not written, only reported, so that the driver sees their unit end.
+    Flush rows (``unit`` is ``FLUSH_UNIT``, see ``pipeline.inputs.read.read_units``) belong to no
+    unit: they are dropped here, neither written nor reported.
     """
     target = Output(output, storage_options)
+    batch = batch.filter(pc.not_equal(batch["unit"], FLUSH_UNIT))
     results = []
     for unit in pc.unique(batch["unit"]).to_pylist():
         rows = batch.filter(pc.equal(batch["unit"], unit))

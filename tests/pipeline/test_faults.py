@@ -11,6 +11,7 @@ The annotate stage is the pipeline's own stand-in generator where the model does
 so these tests exercise Ray Data, the read/decode stages and the sink, not SAM.
 S3 server restarts are in ``bench/fault_injection.py`` (too slow for the suite).
 """
+import json
 import os
 import signal
 import subprocess
@@ -83,15 +84,18 @@ DRIVER = textwrap.dedent(
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=128 * 1024 * 1024, include_dashboard=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS")}})
     config = AnnotateConfig(input=sys.argv[1], output=sys.argv[2], checkpoint="unused", num_actors=1,
-                            batch_size=2, rows_per_file=4, unit_size=8)
+                            batch_size=2, rows_per_file=int(os.environ.get("ROWS_PER_FILE", "4")),
+                            unit_size=int(os.environ.get("UNIT_SIZE", "8")))
     summary = run(config, progress=False, stage=(SlowAnnotator, {"config": config.to_dict()}))
     print("SUMMARY", summary.units_done_before, summary.ok, summary.failed, flush=True)
     """
 )
 
 
-def start_driver(tmp_path: Path, slow_s: float, script: str = DRIVER) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": str(slow_s), "OMP_NUM_THREADS": "1"}
+def start_driver(tmp_path: Path, slow_s: float, script: str = DRIVER, **sizes: int) -> subprocess.Popen:
+    """``sizes``: ``UNIT_SIZE``, ``ROWS_PER_FILE`` for ``DRIVER``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": str(slow_s), "OMP_NUM_THREADS": "1",
+           **{name: str(value) for name, value in sizes.items()}}
     return subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path / "images"), str(tmp_path / "out")],
         env=env,
@@ -103,9 +107,9 @@ def start_driver(tmp_path: Path, slow_s: float, script: str = DRIVER) -> subproc
     )
 
 
-def run_driver(tmp_path: Path, slow_s: float, script: str = DRIVER) -> str:
+def run_driver(tmp_path: Path, slow_s: float, script: str = DRIVER, **sizes: int) -> str:
     """Run a driver script to its end; its output (it must exit 0)."""
-    job = start_driver(tmp_path, slow_s, script)
+    job = start_driver(tmp_path, slow_s, script, **sizes)
     try:
         log, _ = job.communicate()
     finally:
@@ -158,6 +162,33 @@ def test_driver_killed_in_the_middle_of_a_unit_then_rerun_completes_the_rest(tmp
     uris = [row["uri"] for row in read_rows(out)]
     assert sorted(uris) == sorted(inputs)  # the stale half unit was replaced, not duplicated
     assert len(list((out / "_commits").glob("*.json"))) == 5
+    assert (out / "_SUCCESS").exists()
+
+
+def test_driver_killed_after_the_first_ramp_unit_then_rerun_does_the_rest_once(tmp_path):
+    """The first unit (16 of 48 images) commits while the run goes on, though files hold 256 rows."""
+    inputs = write_images(tmp_path / "images", 48)  # units [0, 16) (the ramp), [16, 32), [32, 48)
+    out = tmp_path / "out"
+    first = start_driver(tmp_path, slow_s=0.3, UNIT_SIZE=32, ROWS_PER_FILE=256)
+    try:
+        while first.poll() is None and not list((out / "_commits").glob("*.json")):
+            time.sleep(0.05)
+        committed = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
+        assert first.poll() is None, f"the first run ended before any commit was seen:\n{first.stdout.read()}"
+        os.kill(first.pid, signal.SIGKILL)
+    finally:
+        stop_group(first)
+    assert [(c["start"], c["stop"], c["rows"]) for c in committed] == [(0, 16, 16)]
+    assert not (out / "_SUCCESS").exists()
+
+    log = run_driver(tmp_path, slow_s=0.0, UNIT_SIZE=32, ROWS_PER_FILE=256)
+    done_before, ok, failed = map(int, printed(log, "SUMMARY")[1:])
+    assert done_before >= 1 and failed == 0
+    uris = [row["uri"] for row in read_rows(out)]
+    assert sorted(uris) == sorted(inputs)  # the killed run's later units were redone, not duplicated
+    records = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
+    spans = sorted((record["start"], record["stop"]) for record in records)
+    assert spans[0] == (0, 16) and spans[-1][1] == 48 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert (out / "_SUCCESS").exists()
 
 

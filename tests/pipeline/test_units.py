@@ -45,10 +45,10 @@ def uris_of(plan, options=None):
     return [uri for unit in plan.units for uri in unit_uris(unit, options or {})]
 
 
-def plan(input_uri, committed=(), unit_size=4, limit=None, output=None, run_index=1):
+def plan(input_uri, committed=(), unit_size=4, limit=None, output=None, run_index=1, ramp_from=None):
     staging = Path(str(input_uri)).parent  # a listing snapshot is staged beside the test's input
     return units.plan_units(str(input_uri), {}, set(committed), unit_size=unit_size, limit=limit,
-                            output=output, run_index=run_index, staging_dir=str(staging))
+                            output=output, run_index=run_index, staging_dir=str(staging), ramp_from=ramp_from)
 
 
 @pytest.mark.parametrize("unit_size", [1, 3, 7, 50])
@@ -175,11 +175,16 @@ def test_a_prefix_is_snapshotted_and_late_arrivals_get_only_their_own_units(tmp_
     assert output.next_run_index() == 3  # a snapshot takes its run index even without a manifest
 
 
+def placeholder_images(folder, names):
+    """``folder`` with one placeholder object per name: listings read names, not bytes."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
 def test_a_listing_limit_extends_on_a_later_run(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(5):
-        (images / f"{i}.jpg").write_bytes(b"x")
+    images = placeholder_images(tmp_path / "images", [f"{i}.jpg" for i in range(5)])
     output = Output(str(tmp_path / "out"))
     first = plan(images, output=output, limit=2)
     publish(output, first)
@@ -221,3 +226,84 @@ def test_a_parquet_manifest_with_a_binary_column_is_still_a_manifest(tmp_path):
     pq.write_table(pa.table({"uri": ["s3://b/1.jpg", "s3://b/2.jpg"], "sha256": [b"\x01" * 32, b"\x02" * 32]}), table)
     planned = plan(table)
     assert [u.kind for u in planned.units] == ["pq"] and uris_of(planned) == ["s3://b/1.jpg", "s3://b/2.jpg"]
+
+
+# --- The ramp: a run's first units are small ------------------------------------------------------
+
+def ranges(planned):
+    return [(u.start, u.stop) for u in planned.units]
+
+
+def test_a_run_starts_with_small_units_that_double_up_to_the_grid(tmp_path):
+    manifest = tmp_path / "list.parquet"
+    values = [f"s3://b/{i}.jpg" for i in range(3000)]
+    pq.write_table(pa.table({"uri": values}), manifest, row_group_size=500)
+    planned = plan(manifest, unit_size=1024, ramp_from=16)
+    assert ranges(planned) == [(0, 16), (16, 32), (32, 64), (64, 128), (128, 256), (256, 512), (512, 1024),
+                               (1024, 2048), (2048, 3000)]
+    assert [u.flush for u in planned.units] == [True] * 6 + [False] * 3  # only ramp units are flushed
+    assert uris_of(planned) == values and planned.known_items == 3000
+    assert ranges(plan(manifest, unit_size=1024)) == [(0, 1024), (1024, 2048), (2048, 3000)]  # no ramp asked
+    assert ranges(plan(manifest, unit_size=8, ramp_from=16)) == ranges(plan(manifest, unit_size=8))  # nothing to ramp
+    # Ids are ours and stable: planning the same state again gives the same units.
+    assert [u.id for u in plan(manifest, unit_size=1024, ramp_from=16).units] == [u.id for u in planned.units]
+
+
+def test_resume_after_a_run_killed_mid_ramp_plans_the_rest_once_and_ramps_again(tmp_path):
+    manifest = tmp_path / "list.parquet"
+    values = [f"s3://b/{i}.jpg" for i in range(3000)]
+    pq.write_table(pa.table({"uri": values}), manifest, row_group_size=500)
+    first = plan(manifest, unit_size=1024, ramp_from=16)
+    # Killed with the first two ramp units and the fourth committed (units end out of order).
+    committed = {first.units[i].id for i in (0, 1, 3)}
+    resumed = plan(manifest, committed, unit_size=1024, ramp_from=16, run_index=2)
+    assert not {u.id for u in resumed.units} & committed
+    # The gap [32, 64) takes the ramp's first size; the ramp goes on after the committed [64, 128)
+    # and ends on the grid: later units are the grid's, as in the killed run.
+    assert ranges(resumed) == [(32, 48), (48, 64), (128, 192), (192, 256), (256, 512), (512, 1024),
+                               (1024, 2048), (2048, 3000)]
+    assert [u.flush for u in resumed.units] == [True] * 6 + [False] * 2
+    done = [uri for u in first.units if u.id in committed for uri in unit_uris(u, {})]
+    assert sorted(done + uris_of(resumed)) == sorted(values)  # every entry once, none twice
+    # A resume in the middle of a grid cell (after --limit 1500) ramps from there, back onto the grid.
+    limited = {u.id for u in first.units[:7]} | {units.unit_id("pq", first.units[0].source_key, 1024, 1500)}
+    later = plan(manifest, limited, unit_size=1024, ramp_from=16, run_index=3)
+    assert ranges(later) == [(1500, 1504), (1504, 1536), (1536, 1600), (1600, 1664), (1664, 1792), (1792, 2048),
+                             (2048, 3000)]
+    assert uris_of(later) == values[1500:]
+
+
+def test_text_manifest_ramp_is_in_bytes_and_gives_every_entry_to_one_unit(tmp_path):
+    entries = [f"s3://bucket/{i:05d}.jpg" for i in range(3000)]
+    manifest = tmp_path / "list.txt"
+    write_manifest(manifest, entries, seed=5)
+    planned = plan(manifest, unit_size=1024, ramp_from=16)
+    assert uris_of(planned) == entries
+    counts = [len(list(unit_uris(u, {}))) for u in planned.units]
+    assert 8 <= counts[0] <= 24 and counts[1] <= 40  # about 16 lines, then about 16 more
+    assert [u.flush for u in planned.units].count(True) == 6
+
+
+def test_a_listing_ramps_its_first_units(tmp_path):
+    images = placeholder_images(tmp_path / "images", [f"{i:02d}.jpg" for i in range(40)])
+    output = Output(str(tmp_path / "out"))
+    planned = plan(images, output=output, unit_size=32, ramp_from=4)
+    assert ranges(planned) == [(0, 4), (4, 8), (8, 16), (16, 32), (32, 40)]
+    assert [u.kind for u in planned.units] == ["ls"] * 5
+    assert [u.flush for u in planned.units] == [True] * 3 + [False] * 2
+
+
+def test_only_the_first_shard_is_cut_into_member_ranges(tmp_path):
+    from pipeline.inputs.read import tar_items
+    from tests.pipeline.shard_corpus import sa1b_members, tar_bytes
+
+    for n in range(3):
+        (tmp_path / f"sa_{n:06d}.tar").write_bytes(tar_bytes(sa1b_members(n * 100, 40 if n == 0 else 3)))
+    pattern = str(tmp_path / "sa_{000000..000002}.tar")
+    planned = units.plan_units(pattern, {}, set(), unit_size=64, limit=None, output=None, run_index=1, ramp_from=4)
+    assert [(u.source.rsplit("/", 1)[1], u.start, u.stop) for u in planned.units] == [
+        ("sa_000000.tar", 0, 4), ("sa_000000.tar", 4, 8), ("sa_000000.tar", 8, 16), ("sa_000000.tar", 16, 32),
+        ("sa_000000.tar", 32, units.END), ("sa_000001.tar", 0, units.END), ("sa_000002.tar", 0, units.END)]
+    members = [item.key for u in planned.units[:5] for item in tar_items(u.source, u.start, u.stop, {})]
+    assert members == [item.key for item in tar_items(planned.units[0].source, 0, units.END, {})]
+    assert len(members) == 40
