@@ -233,7 +233,9 @@ def _consume(dataset, committer: Committer, summary: RunSummary, progress: bool,
     """Stream the write results: commit units as they complete, count rows, draw progress."""
     bar = _progress_bar(total, progress)
     try:
-        for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # No prefetch: with it, a write result reaches the driver only once the next one exists, so
+        # each commit waited for the next file to be written (the first, for the end of a short run).
+        for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             tally = committer.add(results)
             summary.ok += tally.ok
             summary.failed += tally.failed

@@ -37,13 +37,26 @@ class SlowAnnotator(StandInAnnotator):
     """The stand-in, slowed down so that a driver can be killed while shards are being written.
 
     Slow on images only, as a model is: a batch of skipped rows (the read stage's flush rows)
-    costs it nothing.
+    costs it nothing. With ``HOLD_UNTIL_COMMITTED`` (a ``_commits`` folder), images of every unit
+    but the first (start 0) wait until a commit record is there (at most ``HOLD_MAX_S``), so that
+    a test can tell "the first unit committed while the rest was still to do" by order alone: an
+    actor runs several batches at once in threads, so sleeps alone do not order the units.
     """
 
     def __call__(self, batch):
-        if (batch["status"] != STATUS_SKIP).any():
+        images = batch["status"] != STATUS_SKIP
+        if images.any():
             time.sleep(float(os.environ.get("SLOW_ANNOTATOR_S", "0")))
+            commits = os.environ.get("HOLD_UNTIL_COMMITTED")
+            later = any(str(unit).split("-")[2] != "0" for unit in batch["unit"][images])  # <kind>-<hash>-<start>-
+            deadline = time.monotonic() + float(os.environ.get("HOLD_MAX_S", "60"))
+            while commits and later and not _has_commit(commits) and time.monotonic() < deadline:
+                time.sleep(0.05)
         return super().__call__(batch)
+
+
+def _has_commit(folder: str) -> bool:
+    return os.path.isdir(folder) and any(name.endswith(".json") for name in os.listdir(folder))
 
 
 class BrokenModelAnnotator(StandInAnnotator):

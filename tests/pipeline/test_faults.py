@@ -82,7 +82,8 @@ DRIVER = textwrap.dedent(
     from tests.pipeline.faulty_stages import SlowAnnotator
 
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=128 * 1024 * 1024, include_dashboard=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS")}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "SLOW_ANNOTATOR_S", "OMP_NUM_THREADS",
+                                                                  "HOLD_UNTIL_COMMITTED") if k in os.environ}})
     config = AnnotateConfig(input=sys.argv[1], output=sys.argv[2], checkpoint="unused", num_actors=1,
                             batch_size=2, rows_per_file=int(os.environ.get("ROWS_PER_FILE", "4")),
                             unit_size=int(os.environ.get("UNIT_SIZE", "8")))
@@ -93,7 +94,7 @@ DRIVER = textwrap.dedent(
 
 
 def start_driver(tmp_path: Path, slow_s: float, script: str = DRIVER, **sizes: int) -> subprocess.Popen:
-    """``sizes``: ``UNIT_SIZE``, ``ROWS_PER_FILE`` for ``DRIVER``."""
+    """``sizes``: ``UNIT_SIZE``, ``ROWS_PER_FILE`` (and ``HOLD_UNTIL_COMMITTED``) for ``DRIVER``."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_ANNOTATOR_S": str(slow_s), "OMP_NUM_THREADS": "1",
            **{name: str(value) for name, value in sizes.items()}}
     return subprocess.Popen(
@@ -169,7 +170,9 @@ def test_driver_killed_after_the_first_ramp_unit_then_rerun_does_the_rest_once(t
     """The first unit (16 of 48 images) commits while the run goes on, though files hold 256 rows."""
     inputs = write_images(tmp_path / "images", 48)  # units [0, 16) (the ramp), [16, 32), [32, 48)
     out = tmp_path / "out"
-    first = start_driver(tmp_path, slow_s=0.3, UNIT_SIZE=32, ROWS_PER_FILE=256)
+    # The later units wait for a commit record: the first one can commit only if it is written on its own.
+    first = start_driver(tmp_path, slow_s=0.3, UNIT_SIZE=32, ROWS_PER_FILE=256,
+                         HOLD_UNTIL_COMMITTED=str(out / "_commits"))
     try:
         while first.poll() is None and not list((out / "_commits").glob("*.json")):
             time.sleep(0.05)
