@@ -1,4 +1,4 @@
-"""Every GPU check in one short run (< 8 min on one H200), with a small report.
+"""Every GPU check in one short run (< 10 min on one H200), with a small report.
 
     python bench/gpu_check.py --out gpu-report          # on a machine with a CUDA GPU
     python bench/gpu_check.py --dry-run --out /tmp/r    # the same steps on CPU, tiny shapes (~1 min)
@@ -11,7 +11,10 @@ Steps, each with its own time limit so that one failure or hang does not cost th
    encoder batch 1, 4 and 8 (``generate_batch``), each with its masks matched against the official.
 3. ``job``: ``python -m jobs.annotate`` with one actor on the GPU on a small corpus, while
    ``nvidia-smi`` utilisation is sampled every half second (a stand-in command in a dry run).
-4. ``report.json`` and ``report.md`` in ``--out``, with each step's log.
+4. ``text``: ``bench/text_bench.py``, text mode's batched actor against the notebooks' one-image
+   Grounded-SAM loop, Grounding DINO's published tiny shapes and ViT-B (tiny ones in a dry run),
+   fp32 then ``--fast``, outputs checked equal.
+5. ``report.json`` and ``report.md`` in ``--out``, with each step's log.
 
 The dry run goes through the same code (only the shapes, the device, the image count and the
 sampled command differ), and tests/bench/test_gpu_check.py runs it, so the one GPU run cannot
@@ -43,10 +46,12 @@ def plan(dry_run: bool) -> dict:
     if dry_run:
         return dict(device="cpu", encoders=("tiny",), images=2, side=128, points_per_side=4,
                     encoder_batches=(1, 2), job_images=4, job_points=4, job_model="tiny",
-                    limits=dict(tests=120, amg=240, job=240))
+                    text=dict(detector="tiny", sam="tiny", images=4, batch_size=2),
+                    limits=dict(tests=120, amg=240, job=240, text=240))
     return dict(device="cuda", encoders=("vit_b", "vit_h"), images=8, side=512, points_per_side=32,
                 encoder_batches=(1, 4, 8), job_images=64, job_points=32, job_model="vit_b",
-                limits=dict(tests=120, amg=210, job=120))
+                text=dict(detector="gdino-tiny", sam="vit_b", images=16, batch_size=8),
+                limits=dict(tests=120, amg=210, job=120, text=150))
 
 
 def run_logged(command: list[str], log: Path, timeout_s: float, env: dict | None = None) -> dict:
@@ -201,6 +206,25 @@ def step_job(out: Path, setup: dict, dry_run: bool) -> dict:
     return result
 
 
+def step_text(out: Path, setup: dict) -> dict:
+    """Text mode's img/s against the one-image loop, fp32 then --fast, each run checking its outputs."""
+    text = setup["text"]
+    rows, result = [], {"rc": 0, "seconds": 0.0, "log": "text-*.log"}
+    for fast in (False, True):
+        figures = out / f"text-{'fast' if fast else 'fp32'}.json"
+        command = [sys.executable, str(REPO / "bench" / "text_bench.py"), "--detector", text["detector"],
+                   "--sam", text["sam"], "--images", str(text["images"]), "--batch-size", str(text["batch_size"]),
+                   "--repeats", "1", "--json", str(figures)] + (["--fast"] if fast else [])
+        step = run_logged(command, out / f"text-{'fast' if fast else 'fp32'}.log", setup["limits"]["text"] / 2)
+        result["seconds"] = round(result["seconds"] + step["seconds"], 1)
+        if step["rc"] != 0:
+            result["rc"] = step["rc"]
+        if figures.exists():
+            rows.append(json.loads(figures.read_text()))
+    result["rows"] = rows
+    return result
+
+
 def environment(device: str) -> dict:
     import torch
 
@@ -228,6 +252,12 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", "| model | generator | img/s | masks | matched |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['generator']} | {r['img_per_s']} | {r['masks']} | {r.get('matched', '')} |"
                   for r in rows]
+    text_rows = report["steps"].get("text", {}).get("rows", [])
+    if text_rows:
+        lines += ["", "| text mode | job img/s | loop img/s | speed-up | outputs equal |", "|---|---|---|---|---|"]
+        lines += [f"| {r['detector']} + {r['sam']}{' fast' if r['fast'] else ''}, batch {r['batch_size']} | "
+                  f"{r['job_img_per_s']} | {r['loop_img_per_s']} | {r['speedup']} | {r['outputs']['equal']} |"
+                  for r in text_rows]
     job = report["steps"].get("job")
     if job:
         lines += ["", f"job: {job.get('images')} images, {job.get('seconds')} s with start-up; "
@@ -239,7 +269,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu-check-report", help="report folder (created)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script itself")
-    parser.add_argument("--steps", default="tests,amg,job", help="comma-separated subset of the steps")
+    parser.add_argument("--steps", default="tests,amg,job,text", help="comma-separated subset of the steps")
     parser.add_argument("--amg-child", nargs=2, metavar=("SETUP", "FIGURES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.amg_child:
@@ -252,7 +282,7 @@ def main() -> int:
     report = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "environment": environment(setup["device"]), "steps": {}}
     steps = {"tests": lambda: step_tests(out, setup, args.dry_run), "amg": lambda: step_amg(out, setup),
-             "job": lambda: step_job(out, setup, args.dry_run)}
+             "job": lambda: step_job(out, setup, args.dry_run), "text": lambda: step_text(out, setup)}
     for name in args.steps.split(","):
         print(f"[gpu_check] {name} ...", flush=True)
         report["steps"][name] = steps[name]()

@@ -190,3 +190,29 @@ def test_prepare_refuses_a_directory_that_is_not_a_detector_with_one_line(tmp_pa
         TextMode().prepare(config)
     assert "not a detector directory" in str(error.value) and "\n" not in str(error.value)
     TextMode().prepare(AnnotateConfig(input="i", output="o", checkpoint="c", text=TEXT, detector=str(grounding_dino_dir)))
+
+
+def test_fast_encodes_in_bf16_where_it_pays_and_keeps_the_boxes_and_near_identical_masks(grounding_dino_dir,
+                                                                                          sam_pair, monkeypatch):
+    import torch
+
+    from sam_core.amg import tuning
+    from tests.mask_match import assert_masks_match
+
+    images = real_photos()
+    fp32_rows = _actor(grounding_dino_dir, sam_pair)(decoded_batch(images)).to_pylist()
+    # Taken as paying here, whatever this CPU measures, so that the bf16 path runs on every machine.
+    monkeypatch.setattr(tuning, "bfloat16_pays", lambda device_type, threads: True)
+    fast = _actor(grounding_dino_dir, sam_pair, fast=True)
+    dtypes = []
+    encode = fast.predictor.set_images
+    fast.predictor.set_images = lambda batch: dtypes.append(torch.get_autocast_dtype("cpu")
+                                                            if torch.is_autocast_enabled("cpu") else None) \
+        or encode(batch)
+    fast_rows = fast(decoded_batch(images)).to_pylist()
+    assert dtypes == [torch.bfloat16]  # the encoder batch ran under bf16 autocast
+    assert sum(r["num_masks"] for r in fp32_rows) > 0
+    for ours, reference in zip(fast_rows, fp32_rows):
+        assert [m["prompt_box"] for m in ours["masks"]] == [m["prompt_box"] for m in reference["masks"]]
+        assert [m["label"] for m in ours["masks"]] == [m["label"] for m in reference["masks"]]
+        assert_masks_match(ours["masks"], reference["masks"], min_iou=0.9, score_atol=0.05)

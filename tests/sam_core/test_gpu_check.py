@@ -16,7 +16,7 @@ def test_dry_run_completes_every_step_and_writes_the_report(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["dry_run"] and set(report["steps"]) == {"tests", "amg", "job"}
+    assert report["dry_run"] and set(report["steps"]) == {"tests", "amg", "job", "text"}
     assert all(step["rc"] == 0 for step in report["steps"].values())
     assert "collected" in " ".join(report["steps"]["tests"]["tail"])  # the test files were found
     rows = report["steps"]["amg"]["rows"]
@@ -25,4 +25,7 @@ def test_dry_run_completes_every_step_and_writes_the_report(tmp_path):
     assert all(row["img_per_s"] > 0 and row["matched"] >= 0.95 for row in rows[1:])
     job = report["steps"]["job"]
     assert job["gpu"]["samples"] > 0 and job["gpu"]["errors"] == 0  # the sampler parsed its command
+    text = report["steps"]["text"]["rows"]
+    assert [row["fast"] for row in text] == [False, True] and all(row["outputs"]["equal"] for row in text)
+    assert all(row["job_img_per_s"] > 0 and row["loop_img_per_s"] > 0 for row in text)
     assert (out / "report.md").read_text().startswith("# GPU check (dry run")
