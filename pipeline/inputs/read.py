@@ -82,7 +82,7 @@ def read_units(batch: dict, *, storage_options: Optional[dict] = None, select: O
             items = unit_items(unit, options, sidecars=sidecars, image_column=image_column, id_column=id_column)
             # A unit of the mode's own error rows (po) is not the input: every item of it gets its row.
             unit_select = None if unit.kind == KIND_PROMPT_ORPHANS else select
-            for chunk in _chunks(_numbered(items), items_per_block):
+            for chunk in chunks(_numbered(items), items_per_block):
                 yield _read_block(unit, chunk, options, unit_select, sidecars, pool)
             if unit.flush and flush_rows > 0:
                 yield _flush_block(unit, flush_rows, options, sidecars, pool)
@@ -390,7 +390,8 @@ def _numbered(items: Iterable[Item]) -> Iterator[Tuple[int, Item, bool]]:
     yield (*previous, True) if previous is not None else (0, Item(None), True)
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size`` (the last one shorter), streamed."""
     chunk: list = []
     for item in items:
         chunk.append(item)

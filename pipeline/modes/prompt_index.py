@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.inputs.read import chunks
 from pipeline.modes.prompts import PROMPT_COLUMNS, TABLE_ROW, PromptError
 IMAGE_KEY = "image_key"
 INDEX_FILE = "index.parquet"
@@ -375,21 +376,12 @@ def build_orphans(prompts: SortedTable, input_uris: Iterable[Optional[str]], fs,
     The input's keys are sorted the same way as the table (spilled to local files), then the two
     sorted streams are walked side by side: memory stays bounded by a chunk, whatever the sizes.
     """
-    def input_tables() -> Iterator[pa.Table]:
-        batch: List[str] = []
-        for uri in input_uris:
-            if uri is not None:
-                batch.append(uri)
-            if len(batch) == batch_rows:
-                yield _key_table(batch)
-                batch = []
-        if batch:
-            yield _key_table(batch)
-
     with tempfile.TemporaryDirectory(prefix="sam-annotate-inputs-") as work:
-        listed = _sorted_keys(sort_spilled(input_tables(), work))
+        named = (uri for uri in input_uris if uri is not None)
+        listed = _sorted_keys(sort_spilled((_key_table(batch) for batch in chunks(named, batch_rows)), work))
         missing = _anti_join(prompts.iter_keys(), listed)
-        return write_sorted_table(_orphan_batches(missing, batch_rows), fs, folder, ORPHAN_SCHEMA)
+        return write_sorted_table((_orphan_table(batch) for batch in chunks(missing, batch_rows)), fs, folder,
+                                  ORPHAN_SCHEMA)
 
 
 def _key_table(uris: List[str]) -> pa.Table:
@@ -410,17 +402,6 @@ def _anti_join(prompted: Iterator[Tuple[str, str]], listed: Iterator[str]) -> It
             current = next(listed, None)
         if current != key:
             yield key, uri
-
-
-def _orphan_batches(missing: Iterator[Tuple[str, str]], rows: int) -> Iterator[pa.Table]:
-    batch: List[Tuple[str, str]] = []
-    for found in missing:
-        batch.append(found)
-        if len(batch) == rows:
-            yield _orphan_table(batch)
-            batch = []
-    if batch:
-        yield _orphan_table(batch)
 
 
 def _orphan_table(found: List[Tuple[str, str]]) -> pa.Table:
