@@ -38,7 +38,7 @@ TEXT = "car. person. dog."
 MAX_DIFFERING_FRACTION = 1e-5
 # --fast (bf16 encoder): near-identical masks, counted as the AMG bench counts them.
 FAST_MIN_IOU, FAST_MATCHED = 0.95, 0.95
-TEXT_PROJECTION_SCALE = 0.1
+QUERY_NORM_SCALE = 0.1
 
 
 def build_detector(kind: str, path: Path, shortest_edge: int, longest_edge: int) -> Path:
@@ -49,14 +49,15 @@ def build_detector(kind: str, path: Path, shortest_edge: int, longest_edge: int)
     make_grounding_dino_dir(path, seed=0, sizes=GDINO_TINY_SIZES, shortest_edge=shortest_edge,
                             longest_edge=longest_edge)
     # At these depths random weights put most of the 900 queries' scores at 1.0: every query would be
-    # a box. Shrinking the text projection spreads the scores, so that a threshold (--boxes-per-image)
-    # leaves a trained model's handful of boxes per image.
+    # a box. Shrinking the decoder's output norm (whose output is dotted with the text to score a
+    # query) spreads the scores, so that a threshold (--boxes-per-image) leaves a trained model's
+    # handful of boxes per image.
     from safetensors.torch import load_file, save_file
 
     weights_path = path / "model.safetensors"
     weights = load_file(str(weights_path))
-    for name in ("model.text_projection.weight", "model.text_projection.bias"):
-        weights[name] = weights[name] * TEXT_PROJECTION_SCALE
+    for name in ("model.decoder.layer_norm.weight", "model.decoder.layer_norm.bias"):
+        weights[name] = weights[name] * QUERY_NORM_SCALE
     save_file(weights, str(weights_path), metadata={"format": "pt"})
     return path
 
