@@ -121,16 +121,6 @@ class Output:
     def write_commit(self, record: dict) -> None:
         self._put_text(posixpath.join(COMMITS_DIR, f"{record['unit']}.json"), json.dumps(record, sort_keys=True))
 
-    def uris_of_units(self, kind: str, committed: Set[str]) -> List[str]:
-        """The ``uri`` column of the committed units of one kind (small ones: prompt orphans)."""
-        names = [name for name in self.data_files()
-                 if DATA_FILE.match(name)["unit"] in committed and name.startswith(f"part-{kind}-")]
-        uris: List[str] = []
-        for name in names:
-            with self.fs.open(self.path(name), "rb") as handle:
-                uris += pq.read_table(handle, columns=["uri"]).column("uri").to_pylist()
-        return uris
-
     def data_files(self) -> List[str]:
         return sorted(name for name in self._names() if DATA_FILE.match(name))
 
