@@ -119,8 +119,8 @@ def write_prompted_corpus(work: Path, images: list, count: int) -> tuple:
     manifest = work / f"prompted-manifest-{count}.txt"
     prompts = work / f"prompts-{count}.parquet"
     box = [[1.0, 1.0, 20.0, 20.0]]
-    with open(manifest, "w") as handle, pq.ParquetWriter(prompts, pa.schema([("uri", pa.string()),
-                                                                              ("boxes", pa.list_(pa.list_(pa.float64())))])) as writer:
+    prompts_schema = pa.schema([("uri", pa.string()), ("boxes", pa.list_(pa.list_(pa.float64())))])
+    with open(manifest, "w") as handle, pq.ParquetWriter(prompts, prompts_schema) as writer:
         for start in range(0, count, 100_000):
             uris = [f"{folder}/{i:09d}.jpg" for i in range(start, min(count, start + 100_000))]
             handle.write("".join(f"{uri}\n" for uri in uris))

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text", help='classes to find, dot-separated, e.g. "car. person. dog."; needs --detector '
                       "(default: off, automatic masks)")
     text.add_argument("--detector", help="Hugging Face zero-shot object detection directory (Grounding DINO, OWLv2, "
-                      "OWL-ViT; path or URL) saved with save_pretrained, safetensors weights (default: none; needed with --text)")
+                      "OWL-ViT; path or URL) saved with save_pretrained, safetensors weights "
+                      "(default: none; needed with --text)")
     text.add_argument("--box-threshold", type=float, default=defaults.box_threshold,
                       help=f"minimum detector box score (default {defaults.box_threshold:g})")
     text.add_argument("--text-threshold", type=float, default=defaults.text_threshold,

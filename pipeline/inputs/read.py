@@ -34,8 +34,8 @@ from pipeline.redact import redact_text
 from pipeline.retry import RetriesExhausted, with_retries
 from pipeline.output.schema import SIDECAR_PREFIX
 from pipeline.inputs.sources import is_image_name
-from pipeline.inputs.units import (FLUSH_UNIT, KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS, KIND_TAR,
-                                   KIND_TEXT, ORPHAN_REASON, Plan, Unit, find_image_column, is_manifest_entry)
+from pipeline.inputs.units import (FLUSH_UNIT, KIND_LISTING, KIND_PARQUET, KIND_PARQUET_IMAGES, KIND_PROMPT_ORPHANS,
+                                   KIND_TAR, KIND_TEXT, ORPHAN_REASON, Plan, Unit, find_image_column, is_manifest_entry)
 
 RETRIES = 3
 FIRST_BACKOFF_S = 0.5

@@ -545,5 +545,6 @@ def listing_name_ok(name: str) -> bool:
     return bool(re.fullmatch(r"\d{4,}", name))
 
 
-__all__ = ["DEFAULT_UNIT_SIZE", "FLUSH_UNIT", "InputError", "Plan", "RAMP_FIRST", "Ramp", "Unit", "committed_ranges", "cut", "new_entries",
+__all__ = ["DEFAULT_UNIT_SIZE", "FLUSH_UNIT", "InputError", "Plan", "RAMP_FIRST", "Ramp", "Unit", "committed_ranges",
+           "cut", "new_entries",
            "parse_unit_id", "plan_units", "uncovered", "unit_id", "LISTING_DIR", "UNIT_ID_PATTERN"]
